@@ -1,0 +1,1 @@
+"""The ``moekit`` command line: thin commands over the library's functions."""

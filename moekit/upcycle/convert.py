@@ -1,0 +1,347 @@
+"""Dense LLaMA -> stock MoE checkpoint, streamed one tensor at a time.
+
+Data flow: resolve the source -> read its config and tensor index -> decide the
+MoE layout and the output format -> build a plan (every output tensor's name,
+shape, dtype and a thunk that makes it) -> stream the plan through the sharded
+writer inside a temporary folder -> add config, tokenizer, card, provenance ->
+rename into place.
+
+Legend: L layers, E routed experts, H hidden size, I dense intermediate size,
+N neurons per expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moekit.config import to_recipe
+from moekit.errors import ConfigError, InputError, UnsupportedModelError
+from moekit.formats import MoeFormat, MoeLayout, choose_format
+from moekit.io import ShardedWriter, TensorIndex, TensorLoader, atomic_output, resolve_model_dir
+from moekit.io.writer import TensorSpec
+from moekit.upcycle.config import UpcycleConfig
+from moekit.upcycle.routers import ROUTERS
+from moekit.upcycle.strategies import FFN, STRATEGIES
+
+PROJS = ("gate_proj", "up_proj", "down_proj")
+SOURCE_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+# Tokenizer and generation files copied verbatim from the source folder.
+AUX_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"
+                       r".*\.jinja|generation_config\.json|.*\.tiktoken|LICEN[SC]E.*|NOTICE.*)$")
+PROVENANCE_FILE = "moekit_upcycle.json"
+RECIPE_FILE = "moekit_recipe.yaml"
+
+
+@dataclass
+class Job:
+    """One output tensor: its spec and the thunk that makes it from the loader."""
+
+    spec: TensorSpec
+    make: Callable[[TensorLoader], torch.Tensor]
+
+
+@dataclass
+class Plan:
+    source: Path
+    src_config: object
+    layout: MoeLayout
+    fmt: MoeFormat
+    jobs: list[Job]
+    moe_layers: list[int]
+    assignments: dict  # layer -> assign_EN (filled while writing)
+    shared: dict = dataclasses.field(default_factory=dict)  # layer -> shared-expert neuron indices
+
+    @property
+    def total_params(self) -> int:
+        return sum(_numel(j.spec.shape) for j in self.jobs)
+
+    @property
+    def active_params(self) -> int:
+        lay = self.layout
+        per_expert = 3 * self.src_config.hidden_size * lay.expert_size
+        return self.total_params - len(self.moe_layers) * (lay.num_experts - lay.top_k) * per_expert
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(j.spec.nbytes for j in self.jobs)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# --- source -------------------------------------------------------------------------------
+
+
+def load_source_config(folder: Path):
+    """The source's transformers config, refusing anything that is not LLaMA-shaped."""
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder} has no config.json — point SRC at a transformers model folder")
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModelError(
+            f"cannot read {folder}/config.json as a stock transformers config ({str(e).splitlines()[0][:120]}) "
+            "— moekit converts LlamaForCausalLM / MistralForCausalLM checkpoints"
+        ) from None
+    archs = getattr(cfg, "architectures", None) or []
+    if cfg.model_type not in ("llama", "mistral") or (archs and archs[0] not in SOURCE_ARCHS):
+        raise UnsupportedModelError(
+            f"source architecture is {archs[0] if archs else cfg.model_type}, not LlamaForCausalLM — "
+            "moekit upcycles LLaMA-family (and Mistral without sliding window) models"
+        )
+    return cfg
+
+
+def decide_layout(cfg: UpcycleConfig, src) -> MoeLayout:
+    I, N = src.intermediate_size, cfg.num_experts
+    if STRATEGIES.get(cfg.method).copies:
+        return MoeLayout(N, cfg.top_k, I)
+    if I % N:
+        divisors = [d for d in range(2, min(I, 64) + 1) if I % d == 0]
+        raise ConfigError(
+            f"intermediate_size {I} is not divisible by num_experts={N} — choose --num-experts from "
+            f"{', '.join(map(str, divisors[:12]))}"
+        )
+    return MoeLayout(N, cfg.top_k, I // N)
+
+
+def expert_scale(cfg: UpcycleConfig, layout: MoeLayout) -> float:
+    """The factor folded into each expert's down_proj.
+
+    With renormalised top-k and a uniform router each active expert gets weight
+    1/K; with K == E the output is (scale / E) * sum of slices, so a split needs
+    scale = E to equal the dense FFN, and a copy needs 1 (weights sum to 1). For
+    K < E the same scale gives LLaMA-MoE's E/K amplification of the chosen slices.
+    """
+    if cfg.scale != "auto":
+        return float(cfg.scale)
+    return 1.0 if STRATEGIES.get(cfg.method).copies else float(layout.num_experts)
+
+
+# --- plan ---------------------------------------------------------------------------------
+
+
+def build_plan(cfg: UpcycleConfig, source: Path, src, index: TensorIndex) -> Plan:
+    layout = decide_layout(cfg, src)
+    fmt = choose_format(cfg.format, src, layout)
+    L, H, I = src.num_hidden_layers, src.hidden_size, src.intermediate_size
+    for layer in range(L):
+        for proj, shape in zip(PROJS, ((I, H), (I, H), (H, I))):
+            info = index[f"model.layers.{layer}.mlp.{proj}.weight"]
+            if info.shape != shape:
+                raise InputError(f"{info.name} has shape {info.shape}, config says {shape} — the checkpoint does not match its config.json")
+    out_dtype = None if cfg.dtype == "auto" else cfg.dtype
+    model_dtype = out_dtype or index["model.embed_tokens.weight"].dtype
+    plan = Plan(source, src, layout, fmt, [], [l for l in range(L) if l not in layout.dense_layers], {})
+    layer_of = re.compile(r"^model\.layers\.(\d+)\.")
+    by_layer: dict[int, list[str]] = {}
+    head, tail = [], []
+    for name in index:
+        if name.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints saved; recomputed at load
+            continue
+        m = layer_of.match(name)
+        if m:
+            by_layer.setdefault(int(m.group(1)), []).append(name)
+        else:
+            (head if "embed_tokens" in name else tail).append(name)
+    for name in head:
+        plan.jobs.append(_copy_job(index, name, out_dtype))
+    for layer in range(L):
+        for name in sorted(by_layer.get(layer, [])):
+            if ".mlp." not in name:
+                plan.jobs.append(_copy_job(index, name, out_dtype))
+        for name, shape in fmt.extra_tensors(src, layer).items():
+            plan.jobs.append(Job(TensorSpec(name, shape, model_dtype), lambda _, s=shape, d=model_dtype: torch.zeros(s, dtype=getattr(torch, d))))
+        if layer in layout.dense_layers:
+            for p in PROJS:
+                plan.jobs.append(_copy_job(index, f"model.layers.{layer}.mlp.{p}.weight", out_dtype, fmt.key(f"dense.{p}", layer=layer)))
+        else:
+            plan.jobs.extend(_moe_jobs(cfg, plan, layer, model_dtype, out_dtype, index))
+    for name in sorted(tail):
+        plan.jobs.append(_copy_job(index, name, out_dtype))
+    return plan
+
+
+def _copy_job(index: TensorIndex, name: str, dtype: str | None, out_name: str | None = None) -> Job:
+    info = index[name]
+    d = dtype if dtype and info.dtype.startswith(("float", "bfloat")) else info.dtype
+    return Job(TensorSpec(out_name or name, info.shape, d), lambda load: load(name).to(getattr(torch, d)))
+
+
+def _moe_jobs(cfg: UpcycleConfig, plan: Plan, layer: int, model_dtype: str, out_dtype: str | None,
+              index: TensorIndex) -> list[Job]:
+    """Router + E experts of one layer. The split is computed once, when the layer's first tensor is made."""
+    src, lay, fmt = plan.src_config, plan.layout, plan.fmt
+    H = src.hidden_size
+    names = {p: f"model.layers.{layer}.mlp.{p}.weight" for p in PROJS}
+    strategy, router = STRATEGIES.get(cfg.method), ROUTERS.get(cfg.router)
+    scale = expert_scale(cfg, lay)
+    seed = cfg.seed * 100_003 + layer  # distinct, reproducible per layer
+
+    def ffn(load) -> FFN:
+        return FFN(*(load(names[p]) for p in PROJS))
+
+    def assignment(load) -> torch.Tensor:
+        if layer not in plan.assignments:
+            plan.assignments[layer] = strategy.fn(ffn(load), lay.num_experts, seed, None)
+        return plan.assignments[layer]
+
+    def make_router(load):
+        assignment(load)
+        return router.fn(lay.num_experts, H, lay.top_k, seed, None).to(getattr(torch, model_dtype))
+
+    def make_expert(load, e: int, proj: str):
+        idx_N = assignment(load)[e]
+        dtype = getattr(torch, out_dtype or index[names[proj]].dtype)
+        w = load(names[proj])
+        if proj == "down_proj":  # columns of down_HI, scaled in fp32 before the cast
+            return (w[:, idx_N].float() * scale).to(dtype)
+        return w[idx_N].to(dtype)
+
+    def make_shared(load, proj: str):
+        # Always-on shared expert; sigmoid(shared_expert_gate = 0) = 0.5, so down_proj x 2.
+        idx = plan.shared.get(layer, torch.zeros(0, dtype=torch.long))
+        dtype = getattr(torch, out_dtype or index[names[proj]].dtype)
+        w = load(names[proj])
+        return (w[:, idx].float() * 2.0).to(dtype) if proj == "down_proj" else w[idx].to(dtype)
+
+    jobs = [Job(TensorSpec(fmt.key("router", layer=layer), (lay.num_experts, H), model_dtype), make_router)]
+    for e in range(lay.num_experts):
+        for p in PROJS:
+            shape = (H, lay.expert_size) if p == "down_proj" else (lay.expert_size, H)
+            dtype = out_dtype or index[names[p]].dtype
+            jobs.append(Job(TensorSpec(fmt.key(f"expert.{p}", layer=layer, expert=e), shape, dtype),
+                            lambda load, e=e, p=p: make_expert(load, e, p)))
+    if "shared_gate" in fmt.keys:  # the architecture always has the shared slot; it may hold 0 neurons
+        for p in PROJS:
+            shape = (H, lay.shared_size) if p == "down_proj" else (lay.shared_size, H)
+            jobs.append(Job(TensorSpec(fmt.key(f"shared.{p}", layer=layer), shape, out_dtype or index[names[p]].dtype),
+                            lambda load, p=p: make_shared(load, p)))
+        jobs.append(Job(TensorSpec(fmt.key("shared_gate", layer=layer), (1, H), model_dtype),
+                        lambda _: torch.zeros(1, H, dtype=getattr(torch, model_dtype))))
+    return jobs
+
+
+# --- describe -----------------------------------------------------------------------------
+
+
+def describe_plan(plan: Plan, cfg: UpcycleConfig) -> str:
+    """Human-readable plan: tensors of the first layer, totals, estimated size."""
+    lay = plan.layout
+    first = [j for j in plan.jobs if not re.match(r"^model\.layers\.(?!0\.)\d+\.", j.spec.name)]
+    lines = [
+        f"source      {plan.source}",
+        f"format      {plan.fmt.name} ({plan.fmt.architecture})",
+        f"layout      {lay.num_experts} experts x {lay.expert_size} neurons, top-{lay.top_k}, "
+        f"method={cfg.method}, router={cfg.router}, scale={expert_scale(cfg, lay):g}",
+        f"tensors     {len(plan.jobs)} (layer 0 and non-layer tensors below; layers 1-{plan.src_config.num_hidden_layers - 1} alike)",
+    ]
+    lines += [f"  {j.spec.name:<64} {str(list(j.spec.shape)):<16} {j.spec.dtype}" for j in first]
+    lines += [
+        f"parameters  total {plan.total_params / 1e6:,.1f}M, active per token {plan.active_params / 1e6:,.1f}M",
+        f"output size {plan.total_bytes / 1e9:,.2f} GB",
+    ]
+    return "\n".join(lines)
+
+
+# --- write --------------------------------------------------------------------------------
+
+
+def upcycle(config: UpcycleConfig, progress: bool = True) -> Path | str:
+    """Convert ``config.source`` into a stock MoE checkpoint at ``config.output``.
+
+    Returns the output path, or the plan description when ``config.dry_run``.
+
+    Example:
+        >>> from moekit.upcycle import UpcycleConfig, upcycle
+        >>> upcycle(UpcycleConfig("dense", "moe", num_experts=4, top_k=4))   # doctest: +SKIP
+        PosixPath('moe')
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(config.output)
+    if out.exists() and not config.force and not config.dry_run:
+        from moekit.errors import OutputExistsError
+
+        raise OutputExistsError(f"output {out} already exists — choose another path or pass --force to overwrite it")
+    source = resolve_model_dir(config.source, config.revision)
+    src = load_source_config(source)
+    index = _load_index(source, config)
+    plan = build_plan(config, source, src, index)
+    if config.dry_run:
+        return describe_plan(plan, config)
+    with atomic_output(out, force=config.force) as tmp:
+        with TensorLoader(index) as load, ShardedWriter(tmp, [j.spec for j in plan.jobs], config.max_shard_size) as writer:
+            for job in tqdm(plan.jobs, desc="upcycle", unit="tensor", disable=not progress):
+                writer.write(job.spec.name, job.make(load))
+        _write_metadata(tmp, plan, config)
+    return out
+
+
+def _load_index(source: Path, config: UpcycleConfig) -> TensorIndex:
+    try:
+        return TensorIndex.from_folder(source)
+    except InputError:
+        if not config.allow_pickle:
+            raise
+    from moekit.io.pickle import pickle_to_safetensors_index  # opt-in only
+
+    return pickle_to_safetensors_index(source)
+
+
+def _write_metadata(tmp: Path, plan: Plan, config: UpcycleConfig) -> None:
+    from moekit import __version__
+
+    dtype = plan.jobs[0].spec.dtype
+    plan.fmt.make_config(plan.src_config, plan.layout, dtype).save_pretrained(tmp)
+    for f in plan.source.iterdir():
+        if f.is_file() and AUX_FILES.match(f.name):
+            shutil.copy2(f, tmp / f.name)
+    copies = STRATEGIES.get(config.method).copies
+    provenance = {
+        "moekit_version": __version__,
+        "source": str(config.source),
+        "method": config.method,
+        "seed": config.seed,
+        "router": config.router,
+        "scale": expert_scale(config, plan.layout),
+        "layout": dataclasses.asdict(plan.layout),
+        "format": plan.fmt.name,
+        # expert -> dense intermediate neuron indices, per layer ("all" for copies)
+        "experts": {str(l): ("all" if copies else a.tolist()) for l, a in sorted(plan.assignments.items())},
+    }
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance))
+    (tmp / RECIPE_FILE).write_text(to_recipe(config, "upcycle"))
+    from moekit.upcycle.card import upcycle_card
+
+    (tmp / "README.md").write_text(upcycle_card(plan, config))
+
+
+def command_line(config: UpcycleConfig) -> str:
+    """The ``moekit upcycle`` command that reproduces ``config``."""
+    defaults = UpcycleConfig(config.source, config.output)
+    always = ("num_experts", "top_k", "method")
+    args = ["moekit upcycle", config.source, config.output]
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if f.name in ("source", "output", "dry_run", "force"):
+            continue
+        if f.name in always or v != getattr(defaults, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            args += [flag] if v is True else [flag, str(v)]
+    return " ".join(args)
+
