@@ -14,6 +14,21 @@ from typing import Any
 from moekit.errors import ConfigError
 
 SECTIONS = ("upcycle", "eval", "pretrain", "finetune", "merge", "push")
+# section -> "module:Class" of the config it is parsed into (added as commands arrive)
+CONFIG_CLASSES = {
+    "upcycle": "moekit.upcycle.config:UpcycleConfig",
+    "eval": "moekit.eval.perplexity:EvalConfig",
+    "finetune": "moekit.finetune.config:FinetuneConfig",
+    "merge": "moekit.merge.config:MergeConfig",
+    "push": "moekit.hub.push:PushConfig",
+}
+
+
+def config_class(section: str):
+    import importlib
+
+    module, _, name = CONFIG_CLASSES[section].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, dict]:

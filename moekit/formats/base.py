@@ -36,7 +36,8 @@ class MoeFormat:
     def supports(self, src, layout: MoeLayout, explain: list[str]) -> bool:
         raise NotImplementedError
 
-    def make_config(self, src, layout: MoeLayout, dtype: str):
+    def make_config(self, src, layout: MoeLayout, dtype: str) -> dict:
+        """The output ``config.json`` as a dict."""
         raise NotImplementedError
 
     def extra_tensors(self, src, layer: int) -> dict[str, tuple[int, ...]]:
@@ -48,12 +49,21 @@ class MoeFormat:
 
 
 def common_config(src) -> dict:
-    """Config fields shared by LLaMA and every target (attention, norms, vocab, RoPE)."""
+    """Config fields shared by LLaMA and every target (attention, norms, vocab, RoPE).
+
+    Written as plain JSON, so converting needs no transformers import; legacy
+    ``rope_theta``/``rope_scaling`` keys are kept as the source has them and
+    transformers normalises them at load time like it does for the source.
+    """
+    from importlib.metadata import version
+
     keep = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
-            "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout", "rope_parameters"]
+            "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout", "rope_parameters", "rope_theta",
+            "rope_scaling"]
     out = {k: getattr(src, k) for k in keep if getattr(src, k, None) is not None}
     out["head_dim"] = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
+    out["transformers_version"] = version("transformers")
     return out
 
 

@@ -26,15 +26,16 @@ class MixtralFormat(MoeFormat):
             ok = False
         return ok
 
-    def make_config(self, src, layout: MoeLayout, dtype: str):
-        from transformers import MixtralConfig
-
-        return MixtralConfig(
+    def make_config(self, src, layout: MoeLayout, dtype: str) -> dict:
+        return {
+            "architectures": [self.architecture],
+            "model_type": "mixtral",
             **common_config(src),
-            intermediate_size=layout.expert_size,
-            num_local_experts=layout.num_experts,
-            num_experts_per_tok=layout.top_k,
-            sliding_window=None,
-            architectures=[self.architecture],
-            dtype=dtype,
-        )
+            "intermediate_size": layout.expert_size,
+            "num_local_experts": layout.num_experts,
+            "num_experts_per_tok": layout.top_k,
+            "router_aux_loss_coef": 0.001,
+            "output_router_logits": False,
+            "sliding_window": None,
+            "dtype": dtype,
+        }

