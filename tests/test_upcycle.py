@@ -299,3 +299,28 @@ def test_fast_bf16_scaling_is_bit_identical_to_torch(scale):
     x[0, :6] = torch.tensor([0.0, -0.0, float("inf"), 1e-40, 3e38, float("nan")]).bfloat16()
     got, want = _scale_bf16(x, scale), x.clone().mul_(scale)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_push_to_hub_uploads_the_finished_output(tiny_llama, tmp_path, monkeypatch, capsys):
+    from test_push import RecordingApi
+
+    import moekit.hub.push as push
+
+    api = RecordingApi()
+    monkeypatch.setattr(push, "hub_client", lambda: api)
+    src, _ = tiny_llama
+    out = tmp_path / "moe"
+    assert main(["upcycle", str(src), str(out), "--num-experts", "2", "--push-to-hub", "me/tiny-moe", "--private"]) == 0
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    assert api.calls[0][1]["private"] is True and api.calls[1][1]["folder_path"] == str(out)
+    assert {"model.safetensors", "config.json", "README.md", "moekit_upcycle.json"} <= set(api.uploaded)
+    assert "pushed: https://huggingface.co/me/tiny-moe" in capsys.readouterr().out
+
+
+def test_push_to_hub_offline_is_one_line(tiny_llama, tmp_path, capsys):
+    src, _ = tiny_llama
+    capsys.readouterr()
+    assert main(["upcycle", str(src), str(tmp_path / "moe"), "--num-experts", "2", "--push-to-hub", "me/x"]) == 1
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "moe").exists()  # checked before converting anything

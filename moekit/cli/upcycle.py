@@ -48,6 +48,9 @@ def register(sub) -> None:
     g.add_argument("--dry-run", action="store_true", default=None, help="print the tensor plan and sizes, write nothing")
     g = p.add_argument_group("source")
     g.add_argument("--revision", help="Hub revision of SRC")
+    g = p.add_argument_group("publishing")
+    g.add_argument("--push-to-hub", metavar="REPO_ID", help="upload OUT to this Hub repo when done (see moekit push)")
+    g.add_argument("--private", action="store_true", default=None, help="create the --push-to-hub repo private")
     g.add_argument("--allow-pickle", action="store_true", default=None,
                    help="read .bin pickle weights (can run code: only for checkpoints you trust)")
 
@@ -58,11 +61,21 @@ def run(args) -> int:
 
     cli = {k: getattr(args, k) for k in (
         "source", "output", "num_experts", "top_k", "method", "scale", "router", "seed", "format", "dtype",
-        "max_shard_size", "force", "dry_run", "revision", "allow_pickle")}
+        "max_shard_size", "force", "dry_run", "revision", "allow_pickle", "push_to_hub", "private")}
     config = build_config(UpcycleConfig, args.config, "upcycle", **cli)
+    api = None
+    if config.push_to_hub and not config.dry_run:  # offline / no token: fail before converting anything
+        from moekit.hub.push import hub_client
+
+        api = hub_client()
     result = upcycle(config)
     if config.dry_run:
         print(result)
-    else:
-        print(f"wrote {result}\nnext: moekit eval {result} --data FILE   (perplexity and expert load)")
+        return 0
+    print(f"wrote {result}")
+    if api is not None:
+        from moekit.hub.push import push_folder
+
+        print(f"pushed: {push_folder(result, config.push_to_hub, private=config.private, api=api)}")
+    print(f"next: moekit eval {result} --compare {config.source}   (perplexity and expert load)")
     return 0

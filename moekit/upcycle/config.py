@@ -31,6 +31,8 @@ class UpcycleConfig:
         force: replace an existing output folder.
         dry_run: print the plan and write nothing.
         revision: Hub revision of ``source``.
+        push_to_hub: Hub repo id to upload the result to (see ``moekit push``).
+        private: create the ``push_to_hub`` repo private.
 
     Example:
         >>> from moekit.upcycle import UpcycleConfig, upcycle
@@ -52,6 +54,8 @@ class UpcycleConfig:
     force: bool = False
     dry_run: bool = False
     revision: str | None = None
+    push_to_hub: str | None = None
+    private: bool = False
 
     def __post_init__(self):
         from moekit.formats import FORMATS
@@ -75,6 +79,10 @@ class UpcycleConfig:
                 raise ConfigError(f"scale={self.scale!r} must be 'auto' or a number — e.g. --scale auto") from None
             if not self.scale > 0:
                 raise ConfigError(f"scale={self.scale} must be positive — e.g. --scale auto")
+        if self.push_to_hub is not None:
+            from moekit.hub.push import check_repo_id
+
+            check_repo_id(self.push_to_hub, "push_to_hub")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not supported — use one of {', '.join(DTYPES)}")
         parse_size(self.max_shard_size)

@@ -382,7 +382,7 @@ def command_line(config: UpcycleConfig) -> str:
     args = ["moekit upcycle", config.source, config.output]
     for f in dataclasses.fields(config):
         v = getattr(config, f.name)
-        if f.name in ("source", "output", "dry_run", "force"):
+        if f.name in ("source", "output", "dry_run", "force", "push_to_hub", "private"):
             continue
         if f.name in always or v != getattr(defaults, f.name):
             flag = "--" + f.name.replace("_", "-")

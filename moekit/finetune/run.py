@@ -1,0 +1,212 @@
+"""``moekit finetune``: LoRA / QLoRA / full fine-tuning through TRL's SFTTrainer and PEFT.
+
+Data flow: check everything that can fail cheaply (output, model type, targets,
+hardware, data) -> load the model (4-bit for QLoRA) -> PEFT adapter or frozen
+non-targets -> train in the run folder -> save -> publish the output atomically
+(adapter or model, tokenizer, card, recipe, logs; ``--merge`` adds ``merged/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from moekit.errors import ConfigError, OutputExistsError, UnsupportedModelError
+from moekit.finetune.config import FinetuneConfig
+from moekit.finetune.targets import (Targets, expert_memory, model_groups, quantization_skip_modules,
+                                     resolve_targets, select_parameters, trainable_by_group)
+from moekit.train import data as D
+from moekit.train import trainer as T
+from moekit.train.log import logger
+from moekit.train.output import loss_summary, publish, write_recipe
+
+MERGED_DIR = "merged"
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced. ``trainer`` holds the trained model (``trainer.model``) and datasets."""
+
+    output: Path
+    merged: Path | None
+    metrics: dict
+    trainable: dict[str, int]
+    trainer: object = None
+
+
+def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> FinetuneResult:
+    """Fine-tune ``config.model`` on ``config.data`` and write ``config.output``.
+
+    Everything that can be checked cheaply (output folder, model type, targets, CUDA for
+    QLoRA, data columns) is checked before anything is loaded or written. ``callbacks``
+    are extra transformers ``TrainerCallback`` objects.
+
+    Example:
+        >>> from moekit.finetune import FinetuneConfig, finetune
+        >>> cfg = FinetuneConfig("moe", "moe-sft", data="chat.jsonl", target="attention,experts", merge=True)
+        >>> finetune(cfg).output   # doctest: +SKIP
+        PosixPath('moe-sft')
+    """
+    from accelerate import PartialState
+
+    from moekit.io import resolve_model_dir
+    from moekit.train.launch import launched
+
+    T.require_train_extra(config.report_to)
+    if config.accelerate_config and not launched():
+        raise ConfigError("accelerate_config runs the command under accelerate launch — use the moekit CLI "
+                          "(moekit finetune ... --accelerate-config NAME) or start your script with accelerate launch")
+    out = Path(config.output)
+    if out.exists() and not config.force:
+        raise OutputExistsError(f"output {out} already exists — choose another path or pass --force to overwrite it")
+    model_dir = resolve_model_dir(config.model, config.revision)
+    model_config = load_model_config(model_dir)
+    targets = resolve_targets(model_config, config.target, config.method, config.lora_dropout)
+    aux = router_aux_coef(config, targets, model_config)
+    # the resolved choices go into the recipe and the card
+    config = dataclasses.replace(config, target=targets.groups, router_aux_loss_coef=aux)
+    if config.method == "qlora":
+        T.require_4bit()
+    tokenizer = T.load_tokenizer(model_dir, config.revision)
+    fmt, train_ds, eval_ds = load_data(config, tokenizer)
+
+    prec = T.precision(config, adapters=config.method != "full", quantized=config.method == "qlora")
+    run, checkpoint = T.prepare_run(out, config)
+    model = load_for_method(config, model_dir, model_config, prec, moe="experts" in model_groups(model_config))
+    peft_config = None
+    if config.method == "full":
+        select_parameters(model, targets)
+    else:
+        peft_config = targets.lora_config(config.lora_r, config.lora_alpha, config.lora_dropout)
+    args = T.sft_config(config, run, prec=prec, progress=progress, evaluate=eval_ds is not None,
+                        completion_only_loss=config.completion_only_loss, router_aux_loss_coef=aux)
+    trainer = T.build_trainer(model, tokenizer, train_ds, eval_ds, args, peft_config=peft_config, callbacks=callbacks)
+    trainable = log_trainable(trainer.model, targets)
+    metrics = T.train(trainer, checkpoint)
+    final = T.save_final(trainer, run)
+
+    history = trainer.state.log_history
+    info = {"format": fmt, "examples": len(train_ds), "eval_examples": len(eval_ds) if eval_ds is not None else 0,
+            "trainable": trainable, "total_params": sum(p.numel() for p in trainer.model.parameters()),
+            **loss_summary(history)}  # for the model card
+    merged = out / MERGED_DIR if config.merge else None
+    state = PartialState()
+    if state.is_main_process:
+        publish(run, final, out, force=config.force, log_history=history,
+                write=lambda tmp: write_extras(tmp, final, config, model_dir, tokenizer, info))
+        logger.info(f"wrote {out}" + (f" and {merged}" if merged else ""))
+    state.wait_for_everyone()
+    return FinetuneResult(out, merged, {**metrics, **loss_summary(history)}, trainable, trainer)
+
+
+# --- checks and loading ---------------------------------------------------------------------
+
+
+def load_model_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        from moekit.errors import InputError
+
+        raise InputError(f"{model_dir} has no config.json — point MODEL at a transformers model folder")
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModelError(f"cannot read {model_dir}/config.json as a stock transformers config "
+                                    f"({str(e).splitlines()[0][:120]}) — finetune needs a Mixtral, Qwen2-MoE "
+                                    "or LLaMA checkpoint") from None
+
+
+def router_aux_coef(config: FinetuneConfig, targets: Targets, model_config) -> float | None:
+    """Load balancing only while the router trains (frozen routers: 0, LLaMA-MoE's SFT choice);
+    unset means the model config's own coefficient, made explicit."""
+    coef = config.router_aux_loss_coef
+    if "router" not in targets.groups:
+        if coef:
+            raise ConfigError(f"router_aux_loss_coef={coef} needs the router trained — "
+                              "add router to --target or drop --aux-loss-coef (the router is frozen by default)")
+        return 0.0 if hasattr(model_config, "router_aux_loss_coef") else None  # dense: TRL refuses any value
+    return float(model_config.router_aux_loss_coef if coef is None else coef)
+
+
+def load_data(config: FinetuneConfig, tokenizer):
+    """(format, train, held-out or None), shaped for TRL; fails on unusable data before any write."""
+    raw = D.load_source(config.data, split=config.data_split, subset=config.data_subset)
+    fmt = D.detect_format(raw.column_names, config.data)
+    train_raw, eval_raw = D.split_heldout(raw, config.eval_fraction, config.seed)
+    shape = lambda ds: D.to_sft_dataset(ds, fmt, tokenizer, assistant_only_loss=config.assistant_only_loss,
+                                        src=config.data)
+    logger.info(f"data: {config.data} as {fmt}, {len(train_raw):,} examples"
+                + (f" (+{len(eval_raw):,} held out)" if eval_raw is not None else ""))
+    return fmt, shape(train_raw), (shape(eval_raw) if eval_raw is not None else None)
+
+
+def load_for_method(config: FinetuneConfig, model_dir: Path, model_config, prec, *, moe: bool):
+    quantization = None
+    if config.method == "qlora":
+        quantization = T.bnb_4bit_config(quantization_skip_modules(model_config), compute_dtype=prec.dtype)
+        if moe:
+            sizes = expert_memory(model_config)
+            logger.info(f"QLoRA: bitsandbytes 4-bit quantizes nn.Linear layers only (attention, shared expert, "
+                        f"dense MLPs); the fused experts ({sizes.get('experts', 0) / 2**30:.2f} GiB) and routers "
+                        f"({sizes.get('router', 0) / 2**20:.1f} MiB) stay in bf16 on the GPU")
+    logger.info(f"loading {config.model} ({prec.dtype} weights, bf16 autocast {'on' if prec.bf16 else 'off'})")
+    return T.load_model(model_dir, dtype=prec.dtype, moe=moe, experts_implementation=config.experts_implementation,
+                        quantization_config=quantization, revision=config.revision)
+
+
+def log_trainable(model, targets: Targets) -> dict[str, int]:
+    counts = trainable_by_group(model, targets)
+    total = sum(p.numel() for p in model.parameters())
+    parts = " · ".join(f"{g} {n:,}" for g, n in counts.items())
+    logger.info(f"trainable: {parts} ({sum(counts.values()) / max(total, 1):.2%} of {total:,} parameters)")
+    return counts
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def write_extras(tmp: Path, final: Path, config: FinetuneConfig, model_dir: Path, tokenizer, info: dict) -> None:
+    """Card, recipe and (``merge``) the merged model; ``final`` is moved in afterwards."""
+    from moekit.finetune.card import finetune_card
+
+    recipe = write_recipe(tmp, config, "finetune")
+    adapter = config.method != "full"
+    if adapter:
+        _point_adapter_at_base(final, config)
+    kind = "adapter" if adapter else "full"
+    (tmp / "README.md").write_text(finetune_card(config, kind=kind, info=info, recipe=recipe, model_dir=model_dir))
+    if config.merge:
+        merged = tmp / MERGED_DIR
+        merge_adapter(model_dir, final, merged, revision=config.revision)
+        tokenizer.save_pretrained(merged)
+        write_recipe(merged, config, "finetune")
+        (merged / "README.md").write_text(finetune_card(config, kind="merged", info=info, recipe=recipe,
+                                                        model_dir=model_dir))
+
+
+def _point_adapter_at_base(final: Path, config: FinetuneConfig) -> None:
+    """adapter_config.json names the base as the user gave it (a Hub id, or an absolute path)."""
+    from moekit.finetune.card import hub_id
+
+    path = final / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = hub_id(config.model) or str(Path(config.model).expanduser().resolve())
+    cfg["revision"] = config.revision
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def merge_adapter(model_dir: Path, adapter_dir: Path, dest: Path, *, revision: str | None = None) -> Path:
+    """Base weights (their own dtype, unquantized) + adapter -> a stock checkpoint in ``dest``.
+
+    Experts are written in transformers' default (per-expert) layout, which vLLM reads.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", revision=revision, trust_remote_code=False)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(dest)
+    return dest

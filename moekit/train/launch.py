@@ -1,0 +1,67 @@
+"""Multi-GPU runs through ``accelerate launch``, the way ``trl sft --accelerate_config`` does it.
+
+The command resolves its config once, writes it as a recipe, and relaunches
+``moekit <command> --config <recipe>`` under accelerate: every worker runs the
+exact resolved settings, and nothing is re-parsed from a half-edited command line.
+Shipped configs (package data in ``moekit/accelerate_configs``): ``ddp``, ``fsdp2``,
+``zero2``, ``zero3``; any accelerate YAML path works too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from moekit.errors import ConfigError, MoekitError
+
+SHIPPED = ("ddp", "fsdp2", "zero2", "zero3")
+
+
+def accelerate_config_path(name: str) -> Path:
+    """A shipped config by name, or an existing accelerate YAML file."""
+    if name in SHIPPED:
+        return Path(str(resources.files("moekit") / "accelerate_configs" / f"{name}.yaml"))
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    raise ConfigError(f"accelerate_config={name!r} is neither a shipped config ({', '.join(SHIPPED)}) nor a file — "
+                      "pick one of those names or pass the path of an `accelerate config` YAML")
+
+
+def launched() -> bool:
+    """True inside a worker started by ``accelerate launch`` / ``torchrun``."""
+    return "LOCAL_RANK" in os.environ or os.environ.get("ACCELERATE_LAUNCHED_BY_MOEKIT") == "1"
+
+
+def relaunch(config, section: str) -> int:
+    """Run ``moekit <section>`` with ``config`` in ``config.num_processes`` accelerate workers.
+
+    Example:
+        >>> relaunch(FinetuneConfig("moe", "out", data="chat.jsonl", accelerate_config="ddp"), "finetune")  # doctest: +SKIP
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    from moekit.config import to_recipe
+
+    path = accelerate_config_path(config.accelerate_config)
+    child = dataclasses.replace(config, accelerate_config=None, num_processes=None)
+    fd, recipe = tempfile.mkstemp(prefix=f"moekit-{section}-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        f.write(to_recipe(child, section))
+    args = ["--config_file", str(path)]
+    if config.num_processes:
+        args += ["--num_processes", str(config.num_processes)]
+    args += ["--module", "moekit.cli.main", section, "--config", recipe]
+    os.environ["ACCELERATE_LAUNCHED_BY_MOEKIT"] = "1"
+    try:
+        launch_command(launch_command_parser().parse_args(args))
+    except (Exception, SystemExit) as e:  # workers printed their own errors; say where to look
+        raise MoekitError(f"the accelerate workers failed ({e.__class__.__name__}) — see their output above; "
+                          f"rerun with --resume to continue from the last checkpoint") from None
+    finally:
+        os.environ.pop("ACCELERATE_LAUNCHED_BY_MOEKIT", None)
+        os.unlink(recipe)
+    return 0
