@@ -90,49 +90,11 @@ AGREEMENT = textwrap.dedent("""
 
 
 def make_checkpoints(root: Path, size_gb: float) -> dict:
-    """Three LLaMA-1B-shaped bf16 checkpoints (hidden 2048, FFN 5632, 32/8 heads) of about ``size_gb`` each."""
-    import torch
-    from transformers import LlamaConfig
+    """Three LLaMA-1B-shaped bf16 checkpoints of about ``size_gb`` each (bench_upcycle's maker, seeds 0-2)."""
+    from bench_upcycle import make_checkpoint
 
-    from moekit.io import ShardedWriter, atomic_output
-    from moekit.io.writer import TensorSpec
-
-    H, I, V, kv = 2048, 5632, 32000, 512
-    per_layer = 2 * H * H + 2 * kv * H + 3 * H * I + 2 * H
-    layers = max(1, round((size_gb * 1e9 / 2 - 2 * V * H) / per_layer))
-    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=8, architectures=["LlamaForCausalLM"],
-                      dtype="bfloat16")
-    plan = [TensorSpec("model.embed_tokens.weight", (V, H), "bfloat16")]
-    for l in range(layers):
-        p = f"model.layers.{l}."
-        plan += [TensorSpec(p + "input_layernorm.weight", (H,), "bfloat16"),
-                 TensorSpec(p + "post_attention_layernorm.weight", (H,), "bfloat16")]
-        plan += [TensorSpec(p + f"self_attn.{n}_proj.weight", s, "bfloat16")
-                 for n, s in (("q", (H, H)), ("k", (kv, H)), ("v", (kv, H)), ("o", (H, H)))]
-        plan += [TensorSpec(p + f"mlp.{n}.weight", s, "bfloat16")
-                 for n, s in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))]
-    plan += [TensorSpec("model.norm.weight", (H,), "bfloat16"), TensorSpec("lm_head.weight", (V, H), "bfloat16")]
-    for seed, name in enumerate("abc"):
-        g = torch.Generator().manual_seed(seed)
-        with atomic_output(root / name) as tmp, ShardedWriter(tmp, plan, "1GB") as w:
-            for spec in plan:
-                w.write(spec.name, (torch.randn(spec.shape, generator=g) * 0.02).to(torch.bfloat16))
-            cfg.save_pretrained(tmp)
-            _tokenizer(tmp)
-    return {"layers": layers, "bytes": sum(s.nbytes for s in plan)}
-
-
-def _tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
-
+    infos = [make_checkpoint(root / name, size_gb, seed) for seed, name in enumerate("abc")]
+    return infos[0]
 
 def warm(folders: list[Path]) -> None:
     """Read every input file once so every contender starts from the same (warm) page cache."""

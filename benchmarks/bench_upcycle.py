@@ -42,7 +42,7 @@ IO_FLOOR = textwrap.dedent("""
 COPY = "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])"
 
 
-def make_checkpoint(folder: Path, size_gb: float) -> dict:
+def make_checkpoint(folder: Path, size_gb: float, seed: int = 0) -> dict:
     """A LLaMA-1B-shaped bf16 checkpoint (hidden 2048, FFN 5632, 32/8 heads) of about ``size_gb``."""
     import torch
     from transformers import LlamaConfig
@@ -66,7 +66,7 @@ def make_checkpoint(folder: Path, size_gb: float) -> dict:
         plan += [TensorSpec(p + f"mlp.{n}.weight", s, "bfloat16")
                  for n, s in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))]
     plan += [TensorSpec("model.norm.weight", (H,), "bfloat16"), TensorSpec("lm_head.weight", (V, H), "bfloat16")]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with atomic_output(folder) as tmp, ShardedWriter(tmp, plan, "1GB") as w:
         for spec in plan:
             w.write(spec.name, (torch.randn(spec.shape, generator=g) * 0.02).to(torch.bfloat16))

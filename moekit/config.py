@@ -18,6 +18,7 @@ SECTIONS = ("upcycle", "eval", "pretrain", "finetune", "merge", "push")
 CONFIG_CLASSES = {
     "upcycle": "moekit.upcycle.config:UpcycleConfig",
     "eval": "moekit.eval.perplexity:EvalConfig",
+    "pretrain": "moekit.pretrain.config:PretrainConfig",
     "finetune": "moekit.finetune.config:FinetuneConfig",
     "merge": "moekit.merge.config:MergeConfig",
     "push": "moekit.hub.push:PushConfig",

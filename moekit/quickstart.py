@@ -79,7 +79,8 @@ def quickstart(workdir: str | os.PathLike = "moekit-quickstart", num_experts: in
         ppl[name] = perplexity(model, ids, seq_len=512, batch_size=4, device=device, progress=progress,
                                desc=f"eval {name}")["perplexity"]
         del model
-    summary = {"dense": str(dense), "moe": str(moe), "method": config.method, "router": config.router,
+    built = json.loads((moe / "moekit_upcycle.json").read_text())  # what "auto" resolved to
+    summary = {"dense": str(dense), "moe": str(moe), "method": built["method"], "router": built["router"],
                "num_experts": num_experts, "top_k": top_k, "perplexity": ppl,
                "seconds": round(time.perf_counter() - t0, 1)}
     (work / "quickstart.json").write_text(json.dumps(summary, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -437,17 +438,25 @@ def test_existing_output_is_refused(models, data, tmp_path, capsys):
 def test_cards_name_base_model_and_relation():
     import yaml
 
+    import tempfile
+
     from moekit.finetune.card import finetune_card
+    from moekit.hub.push import check_card
 
     cfg = FinetuneConfig("org/moe", "moe-sft", data="chat.jsonl", target="attention")
     info = {"format": "messages", "examples": 10, "trainable": {"attention": 100}, "total_params": 1000,
             "steps": 5, "first_loss": 2.0, "last_loss": 1.0}
     for kind, relation, library in (("adapter", "adapter", "peft"), ("merged", "finetune", "transformers"),
                                     ("full", "finetune", "transformers")):
-        card = finetune_card(cfg, kind=kind, info=info, recipe="finetune: {}\n", model_dir=".")
-        meta = yaml.safe_load(card.split("---")[1])
-        assert meta["base_model"] == "org/moe" and meta["base_model_relation"] == relation
-        assert meta["library_name"] == library and "chat.jsonl" in card
+        for method in ("lora", "qlora", "full"):
+            cfg.method = method
+            card = finetune_card(cfg, kind=kind, info=info, recipe="finetune: {}\n", model_dir=".")
+            meta = yaml.safe_load(card.split("---")[1])
+            assert meta["base_model"] == "org/moe" and meta["base_model_relation"] == relation
+            assert meta["library_name"] == library and "chat.jsonl" in card
+            readme = Path(tempfile.mkdtemp()) / "README.md"
+            readme.write_text(card)
+            check_card(readme, library)  # `moekit push` accepts what finetune writes
 
 
 def test_accelerate_relaunch_runs_the_resolved_recipe(monkeypatch):

@@ -266,3 +266,4 @@ def test_moekit_cards_pass_the_front_matter_check(tmp_path):
     front = check_card(readme)
     assert front["pipeline_tag"] == "text-generation" and front["license"] == "apache-2.0"
     assert {"moe", "moekit", "upcycling"} <= set(front["tags"])
+

@@ -30,7 +30,9 @@ def test_real_model_all_experts_equals_dense(smol_dense, tmp_path, fmt):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "moe"
-    assert main(["upcycle", str(smol_dense), str(out), "--num-experts", "8", "--top-k", "8", "--format", fmt]) == 0
+    # mixtral: the default data-driven construction on a small calibration budget; qwen2_moe: data-free
+    flags = ["--calib-tokens", "1024"] if fmt == "mixtral" else ["--method", "random", "--router", "zero"]
+    assert main(["upcycle", str(smol_dense), str(out), "--num-experts", "8", "--top-k", "8", "--format", fmt, *flags]) == 0
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("The capital of France is Paris. Mixture-of-experts models", return_tensors="pt").input_ids
     dense = AutoModelForCausalLM.from_pretrained(smol_dense).eval()

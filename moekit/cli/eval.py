@@ -16,6 +16,7 @@ moekit eval ./moe --compare ./dense                       # built-in held-out te
 moekit eval ./moe --data notes.txt --seq-len 1024 --stride 512
 moekit eval ./moe --data corpus.jsonl --text-field content --output eval.json
 moekit eval ./moe --data wikitext:wikitext-2-raw-v1@test  # a Hub dataset
+moekit eval ./moe --compare ./dense --expert-stats --plots plots/   # expert load, entropy, oracle recall + PNGs
 """
 
 
@@ -30,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
     p.add_argument("--compare", metavar="MODEL2", help="also evaluate this model on the same tokens")
     p.add_argument("--output", metavar="JSON", help="write results here")
+    p.add_argument("--expert-stats", action="store_true", default=None,
+                   help="MoE models: per-layer expert load, max/min load ratio, routing entropy, router-vs-oracle recall")
+    p.add_argument("--plots", metavar="DIR", help="write PNGs here: expert-load heat map and perplexity bars (implies --expert-stats)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="default auto (bf16 on CUDA)")
     p.add_argument("--config", metavar="YAML", help="recipe file; its `eval:` section sets defaults")
@@ -40,7 +44,7 @@ def run(args) -> int:
     from moekit.eval.perplexity import EvalConfig, evaluate, format_report
 
     keys = ("model", "data", "text_field", "seq_len", "stride", "batch_size", "max_tokens", "compare", "output",
-            "device", "dtype")
+            "device", "dtype", "expert_stats", "plots")
     config = build_config(EvalConfig, args.config, "eval", **{k: getattr(args, k) for k in keys})
     report = evaluate(config)
     print(format_report(report))

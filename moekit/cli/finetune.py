@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from moekit.cli.common import add_command
+from moekit.cli.common import add_command, add_run_args
 
 DESCRIPTION = """
 Fine-tune an MoE (Mixtral, Qwen2-MoE) or a dense LLaMA with LoRA, QLoRA or full
@@ -44,7 +44,6 @@ FIELDS = (
 
 def register(sub) -> None:
     from moekit.finetune.targets import METHODS, TARGET_CHOICES
-    from moekit.train.launch import SHIPPED
     from moekit.train.options import DTYPES, EXPERTS_IMPLEMENTATIONS, PACKING_STRATEGIES
 
     flag = argparse.BooleanOptionalAction
@@ -87,17 +86,7 @@ def register(sub) -> None:
     g.add_argument("--experts-implementation", choices=EXPERTS_IMPLEMENTATIONS, help="fused-experts kernel (default grouped_mm)")
     g.add_argument("--seed", type=int, help="seed (default 0)")
     g = p.add_argument_group("logging, checkpoints, launch")
-    g.add_argument("--logging-steps", type=int, metavar="N", help="log every N steps (default 10)")
-    g.add_argument("--eval-steps", type=int, metavar="N", help="evaluate every N steps (default: --save-steps)")
-    g.add_argument("--save-steps", type=int, metavar="N", help="checkpoint every N steps (default 500)")
-    g.add_argument("--save-total-limit", type=int, metavar="N", help="checkpoints kept (default 2)")
-    g.add_argument("--report-to", metavar="LIST", help="tensorboard (default) or none")
-    g.add_argument("--resume", dest="resume_from_checkpoint", nargs="?", const=True, default=None, metavar="CKPT",
-                   help="continue the interrupted run for OUT (or from checkpoint folder CKPT)")
-    g.add_argument("--force", action="store_true", default=None, help="replace OUT and any interrupted run")
-    g.add_argument("--revision", help="Hub revision of MODEL")
-    g.add_argument("--accelerate-config", metavar="NAME|YAML", help=f"run under accelerate launch: {', '.join(SHIPPED)} or a file")
-    g.add_argument("--num-processes", type=int, metavar="N", help="accelerate processes (default: the config's)")
+    add_run_args(g)
 
 
 def run(args) -> int:

@@ -13,7 +13,7 @@ import os
 import sys
 
 # Order = the pipeline order shown in --help.
-COMMANDS = ["quickstart", "upcycle", "eval", "finetune", "merge", "push"]
+COMMANDS = ["quickstart", "upcycle", "pretrain", "eval", "finetune", "merge", "push"]
 
 DESCRIPTION = """\
 Turn a dense LLaMA-family model into a Mixture-of-Experts that stock

@@ -36,6 +36,10 @@ class EvalConfig:
         output: write the results as JSON here.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32`` or ``bfloat16``.
+        expert_stats: for MoE models, also report per-layer expert load, load balance,
+            routing entropy and router-vs-oracle recall (see :mod:`moekit.eval.experts`).
+        plots: write PNG plots here (expert-load heat map per MoE model, perplexity bars);
+            implies ``expert_stats``.
 
     Example:
         >>> from moekit.eval import EvalConfig, evaluate
@@ -53,6 +57,8 @@ class EvalConfig:
     output: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    expert_stats: bool = False
+    plots: str | None = None
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -123,8 +129,11 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, in
 
 
 def perplexity(model, ids, seq_len: int = 512, stride: int | None = None, batch_size: int = 4,
-               device: str = "cpu", progress: bool = True, desc: str = "eval") -> dict:
+               device: str = "cpu", progress: bool = True, desc: str = "eval", observer=None) -> dict:
     """Token-weighted perplexity of ``model`` on ``ids`` (1-D LongTensor).
+
+    ``observer`` (e.g. :class:`moekit.eval.experts.ExpertStats`) is told each batch's
+    attention mask before the forward pass, so its hooks can skip padding.
 
     Returns ``{"perplexity", "nll", "tokens", "seq_len", "stride", "seconds"}``.
     """
@@ -145,6 +154,8 @@ def perplexity(model, ids, seq_len: int = 512, stride: int | None = None, batch_
             input_BT[b, : end - begin] = ids[begin:end]
             mask_BT[b, : end - begin] = 1
             labels_BT[b, first - begin: end - begin] = ids[first:end]
+        if observer is not None:
+            observer.set_mask(mask_BT)
         with torch.inference_mode():
             logits_BTV = model(input_ids=input_BT.to(device), attention_mask=mask_BT.to(device)).logits.float()
         # position t predicts token t+1
@@ -166,23 +177,45 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     from moekit.text import load_texts
 
     texts = load_texts(config.data, config.text_field, split="eval")
-    results, ids0, tok0 = {}, None, None
+    results, experts, ids0 = {}, {}, None
     for name in [config.model] + ([config.compare] if config.compare else []):
         model, tok, device = load_model(name, config.device, config.dtype)
         ids = tokenize_texts(tok, texts, config.max_tokens)
         if ids0 is not None and not (len(ids) == len(ids0) and bool((ids == ids0).all())):
             raise InputError(f"{name} tokenizes the text differently from {config.model} — compare models that share a tokenizer")
-        ids0, tok0 = ids, tok
+        ids0 = ids
+        stats = None
+        if config.expert_stats or config.plots:
+            from moekit.eval.experts import ExpertStats
+
+            stats = ExpertStats(model) or None  # None for a dense model
         results[name] = perplexity(model, ids, config.seq_len, config.stride, config.batch_size, device,
-                                   progress, desc=f"eval {Path(name).name}")
+                                   progress, desc=f"eval {Path(name).name}", observer=stats)
+        if stats is not None:
+            stats.close()
+            experts[name] = stats.report()
         del model
     report = {"config": asdict(config), "results": results}
     if config.compare:
         report["ratio"] = results[config.model]["perplexity"] / results[config.compare]["perplexity"]
+    if experts:
+        report["experts"] = experts
+    if config.plots:
+        report["plots"] = _plots(config.plots, results, experts)
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _plots(folder: str, results: dict, experts: dict) -> list[str]:
+    from moekit.eval.experts import plot_expert_load, plot_perplexity
+
+    out = [str(plot_perplexity(results, Path(folder) / "perplexity.png"))]
+    for k, (name, rep) in enumerate(experts.items()):
+        stem = Path(name).name or f"model{k}"
+        out.append(str(plot_expert_load(rep, Path(folder) / f"expert_load_{stem}.png", title=f"expert load: {stem}")))
+    return out
 
 
 def format_report(report: dict) -> str:
@@ -191,4 +224,10 @@ def format_report(report: dict) -> str:
         rows.append(f"{name[-48:]:<48} {r['tokens']:>9,} {r['nll']:>8.4f} {r['perplexity']:>12.3f}")
     if "ratio" in report:
         rows.append(f"perplexity ratio (model / compare): {report['ratio']:.3f}x")
+    if report.get("experts"):
+        from moekit.eval.experts import format_expert_report
+
+        rows += [format_expert_report(name, rep) for name, rep in report["experts"].items()]
+    for path in report.get("plots", []):
+        rows.append(f"plot: {path}")
     return "\n".join(rows)

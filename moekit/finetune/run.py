@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moekit.errors import ConfigError, OutputExistsError, UnsupportedModelError
+from moekit.errors import ConfigError, OutputExistsError
 from moekit.finetune.config import FinetuneConfig
 from moekit.finetune.targets import (Targets, expert_memory, model_groups, quantization_skip_modules,
                                      resolve_targets, select_parameters, trainable_by_group)
@@ -62,7 +62,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> 
     if out.exists() and not config.force:
         raise OutputExistsError(f"output {out} already exists — choose another path or pass --force to overwrite it")
     model_dir = resolve_model_dir(config.model, config.revision)
-    model_config = load_model_config(model_dir)
+    model_config = T.load_model_config(model_dir, "finetune needs a Mixtral, Qwen2-MoE or LLaMA checkpoint")
     targets = resolve_targets(model_config, config.target, config.method, config.lora_dropout)
     aux = router_aux_coef(config, targets, model_config)
     # the resolved choices go into the recipe and the card
@@ -102,21 +102,6 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> 
 
 
 # --- checks and loading ---------------------------------------------------------------------
-
-
-def load_model_config(model_dir: Path):
-    from transformers import AutoConfig
-
-    if not (model_dir / "config.json").is_file():
-        from moekit.errors import InputError
-
-        raise InputError(f"{model_dir} has no config.json — point MODEL at a transformers model folder")
-    try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
-        raise UnsupportedModelError(f"cannot read {model_dir}/config.json as a stock transformers config "
-                                    f"({str(e).splitlines()[0][:120]}) — finetune needs a Mixtral, Qwen2-MoE "
-                                    "or LLaMA checkpoint") from None
 
 
 def router_aux_coef(config: FinetuneConfig, targets: Targets, model_config) -> float | None:

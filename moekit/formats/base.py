@@ -11,7 +11,10 @@ class MoeLayout:
 
     num_experts: routed experts per MoE layer; top_k: routed experts per token;
     expert_size: neurons per routed expert; shared_size: neurons of the always-on
-    shared expert (0 = none); dense_layers: layer indices whose FFN stays dense.
+    shared expert (0 = none); dense_layers: layer indices whose FFN stays dense;
+    norm_topk_prob: renormalise the top-k routing weights to sum 1 (Mixtral always
+    does; False keeps the softmax probabilities, so a top-1 router still gets a
+    gradient from the LM loss).
     """
 
     num_experts: int
@@ -19,6 +22,7 @@ class MoeLayout:
     expert_size: int
     shared_size: int = 0
     dense_layers: tuple[int, ...] = ()
+    norm_topk_prob: bool = True
 
 
 class MoeFormat:

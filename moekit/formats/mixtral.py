@@ -24,6 +24,9 @@ class MixtralFormat(MoeFormat):
         if layout.dense_layers:
             explain.append("mixtral: every layer must be MoE (use --format qwen2_moe for dense layers)")
             ok = False
+        if not layout.norm_topk_prob:
+            explain.append("mixtral: always renormalises the top-k weights (use --format qwen2_moe for norm_topk_prob false)")
+            ok = False
         return ok
 
     def make_config(self, src, layout: MoeLayout, dtype: str) -> dict:

@@ -1,8 +1,9 @@
 """Qwen2-MoE: optional always-on shared expert and dense (mlp-only) layers.
 
 q/k/v carry biases in this architecture; we write zeros (vLLM always loads them).
-``norm_topk_prob=True`` gives the same renormalised top-k as Mixtral, so the
-expert scale is the same for both formats.
+``norm_topk_prob`` comes from the layout: True is Mixtral's renormalised top-k,
+False weights each chosen expert by its softmax probability (see
+:mod:`moekit.upcycle.split` for the expert scale that keeps either exact).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Qwen2MoeFormat(MoeFormat):
             "shared_expert_intermediate_size": layout.shared_size,
             "num_experts": layout.num_experts,
             "num_experts_per_tok": layout.top_k,
-            "norm_topk_prob": True,
+            "norm_topk_prob": layout.norm_topk_prob,
             "decoder_sparse_step": 1,
             "mlp_only_layers": sorted(layout.dense_layers),
             "router_aux_loss_coef": 0.001,

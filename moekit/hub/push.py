@@ -22,7 +22,7 @@ from moekit.errors import ConfigError, HubError, InputError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
-KIND_TAGS = ("upcycling", "merge", "lora")
+KIND_TAGS = ("upcycling", "merge", "lora", "fine-tuned", "continued-pretraining")
 REQUIRED_TAGS = ("moe", "moekit")
 
 
@@ -144,7 +144,7 @@ def check_card(readme: str | os.PathLike, library: str = "transformers") -> dict
 
     Requires ``library_name`` (``transformers``, or ``peft`` for adapters),
     ``pipeline_tag: text-generation``, tags ``moe`` and ``moekit`` plus one of
-    ``upcycling``/``merge``/``lora``; ``base_model`` entries must be Hub repo ids and
+    ``upcycling``/``merge``/``lora``/``fine-tuned``/``continued-pretraining``; ``base_model`` entries must be Hub repo ids and
     ``base_model_relation`` one the Hub knows, with a ``base_model``.
     """
     import yaml

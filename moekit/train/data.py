@@ -36,7 +36,7 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. "
 
 
 def load_source(src: str, *, split: str = "train", subset: str | None = None, revision: str | None = None,
-                streaming: bool = False, text_sample_by: str = "paragraph"):
+                streaming: bool = False, text_sample_by: str = "paragraph", data_dir: str | None = None):
     """A ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) from ``src``.
 
     Args:
@@ -44,6 +44,7 @@ def load_source(src: str, *, split: str = "train", subset: str | None = None, re
             or a Hub dataset id.
         split: split of a Hub dataset (local files are one ``train`` split).
         subset: Hub dataset configuration name.
+        data_dir: folder inside a Hub dataset to read (e.g. one domain of a corpus split by folder).
         text_sample_by: for ``.txt`` / ``.md``: ``paragraph`` (blank-line separated), ``line`` or ``document``.
 
     Example:
@@ -53,12 +54,15 @@ def load_source(src: str, *, split: str = "train", subset: str | None = None, re
     import datasets
 
     files = _local_files(src)
+    if files and all(f.stat().st_size == 0 for f in files):  # datasets' own error for this says nothing useful
+        raise InputError(f"data {src} is empty — check the file")
     quiet = not datasets.are_progress_bars_disabled()
     if quiet:  # loading is quick; its bars would only bury a one-line error
         datasets.disable_progress_bars()
     try:
         if files is None:
-            ds = datasets.load_dataset(src, subset, split=split, revision=revision, streaming=streaming)
+            ds = datasets.load_dataset(src, subset, split=split, revision=revision, streaming=streaming,
+                                       data_dir=data_dir)
         else:
             builder = _builder(src, files)
             kw = {"sample_by": text_sample_by} if builder == "text" else {}

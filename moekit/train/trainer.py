@@ -167,8 +167,13 @@ def prepare_run(output: str | Path, options: TrainingOptions) -> tuple[Path, str
 
 
 def sft_config(options: TrainingOptions, run: Path, *, prec: Precision, progress: bool, evaluate: bool,
-               completion_only_loss: bool | None = None, router_aux_loss_coef: float | None = None):
-    """TRL's ``SFTConfig`` with every default that TRL and transformers disagree on set explicitly."""
+               completion_only_loss: bool | None = None, router_aux_loss_coef: float | None = None,
+               overrides: dict | None = None):
+    """TRL's ``SFTConfig`` with every default that TRL and transformers disagree on set explicitly.
+
+    ``overrides``: further ``SFTConfig`` fields the command itself decides (e.g. pretrain's
+    pre-packed data); the recipe's ``trainer_args`` still come last.
+    """
     import torch
     from trl import SFTConfig
 
@@ -211,6 +216,7 @@ def sft_config(options: TrainingOptions, run: Path, *, prec: Precision, progress
         disable_tqdm=not progress,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    kwargs.update(overrides or {})
     kwargs.update(o.trainer_args)  # recipe pass-through (validated against SFTConfig, never a managed key)
     return SFTConfig(**kwargs)
 
@@ -235,11 +241,46 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, args, *, peft_c
 
 def train(trainer, checkpoint: str | None = None) -> dict:
     """Train (resuming from ``checkpoint``); the model keeps its own router settings for saving."""
+    if checkpoint:
+        restore_converted_weights(trainer, checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     text_config = trainer.model.config.get_text_config()
     for key, value in getattr(trainer, "moekit_router_settings", {}).items():
         setattr(text_config, key, value)
     return dict(result.metrics)
+
+
+def restore_converted_weights(trainer, checkpoint: str) -> int:
+    """Load the checkpoint weights that transformers' Trainer would silently skip on resume.
+
+    The Trainer reloads a full-model checkpoint with ``load_state_dict(strict=False)``, but
+    ``save_pretrained`` wrote fused MoE experts in the per-expert layout, so the experts would
+    stay at their initial values. ``from_pretrained`` converts the layout; the tensors the plain
+    load cannot match are copied in before training resumes (the Trainer's own load then
+    leaves them alone). Adapters, FSDP and DeepSpeed checkpoints have their own formats.
+    Returns the number of tensors restored.
+    """
+    import torch
+    from safetensors import safe_open
+
+    model = trainer.model
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled or hasattr(model, "peft_config"):
+        return 0
+    saved = set()
+    for f in Path(checkpoint).glob("model*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            saved.update(h.keys())
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in own if k in saved}  # tied weights come with their twin
+    missing = [k for k in own if k not in saved and own[k].data_ptr() not in loaded]
+    if not saved or not missing:
+        return 0
+    fresh = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype).state_dict()
+    with torch.no_grad():
+        for k in missing:
+            own[k].copy_(fresh[k])
+    logger.info(f"resume: restored {len(missing)} tensors the checkpoint stores in another layout (fused experts)")
+    return len(missing)
 
 
 def save_final(trainer, run: Path) -> Path:
@@ -251,3 +292,18 @@ def save_final(trainer, run: Path) -> Path:
         (final / "README.md").unlink(missing_ok=True)  # PEFT's template card; the command writes its own
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def load_model_config(model_dir: Path, needs: str):
+    """The model's stock transformers config (no remote code); ``needs`` ends the error's fix."""
+    from transformers import AutoConfig
+
+    from moekit.errors import InputError, UnsupportedModelError
+
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{model_dir} has no config.json — point MODEL at a transformers model folder")
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModelError(f"cannot read {model_dir}/config.json as a stock transformers config "
+                                    f"({str(e).splitlines()[0][:120]}) — {needs}") from None

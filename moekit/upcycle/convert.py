@@ -1,10 +1,16 @@
 """Dense LLaMA -> stock MoE checkpoint, streamed one tensor at a time.
 
-Data flow: resolve the source -> read its config and tensor index -> decide the
-MoE layout and the output format -> build a plan (every output tensor's name,
-shape, dtype and a thunk that makes it) -> stream the plan through the sharded
-writer inside a temporary folder -> add config, tokenizer, card, provenance ->
-rename into place.
+Data flow: resolve the source -> read its config and tensor index -> resolve
+the method/router and decide the MoE layout and the output format -> build a
+plan (every output tensor's name, shape, dtype and a thunk that makes it) ->
+stream the plan through the sharded writer inside a temporary folder -> add
+config, tokenizer, card, provenance -> rename into place.
+
+Each MoE layer is built by :func:`moekit.upcycle.split.split_layer` when its
+first tensor (the router) is written. Data-driven settings get that layer's
+calibration statistics from a :class:`moekit.upcycle.calibration.Calibrator`
+that walks the model layer by layer just ahead of the writer (through each
+layer's new MoE), so calibration is one streaming pass too.
 
 Legend: L layers, E routed experts, H hidden size, I dense intermediate size,
 N neurons per expert.
@@ -16,6 +22,7 @@ import dataclasses
 import json
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 from pathlib import Path
@@ -30,6 +37,7 @@ from moekit.io import ShardedWriter, TensorIndex, TensorLoader, atomic_output, r
 from moekit.io.writer import TensorSpec
 from moekit.upcycle.config import UpcycleConfig
 from moekit.upcycle.routers import ROUTERS
+from moekit.upcycle.split import LayerSplit, SplitSpec, moe_forward, split_layer
 from moekit.upcycle.strategies import FFN, STRATEGIES
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -39,6 +47,10 @@ AUX_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.js
                        r".*\.jinja|generation_config\.json|.*\.tiktoken|LICEN[SC]E.*|NOTICE.*)$")
 PROVENANCE_FILE = "moekit_upcycle.json"
 RECIPE_FILE = "moekit_recipe.yaml"
+# What method/router "auto" resolve to when the source can be calibrated (chosen
+# from benchmarks/bench_quality.py, see README, "Upcycling quality").
+AUTO_METHOD, AUTO_ROUTER = "coactivation", "calibrated"
+CALIB_SEQ_LEN = 512
 
 
 @dataclass
@@ -59,6 +71,10 @@ class Plan:
     moe_layers: list[int]
     assignments: dict  # layer -> assign_EN (filled while writing)
     shared: dict = dataclasses.field(default_factory=dict)  # layer -> shared-expert neuron indices
+    spec: SplitSpec | None = None  # resolved method / router / weighting
+    splits: dict = dataclasses.field(default_factory=dict)  # layer -> LayerSplit (filled while writing)
+    calibrator: object = None  # a Calibrator when the settings need calibration data
+    calib_seconds: float = 0.0
 
     @property
     def total_params(self) -> int:
@@ -117,37 +133,84 @@ def load_source_config(folder: Path) -> SimpleNamespace:
     return cfg
 
 
-def decide_layout(cfg: UpcycleConfig, src) -> MoeLayout:
-    I, N = src.intermediate_size, cfg.num_experts
-    if STRATEGIES.get(cfg.method).copies:
-        return MoeLayout(N, cfg.top_k, I)
+def resolve_spec(cfg: UpcycleConfig, source: Path) -> SplitSpec:
+    """The method, router and weighting this run uses (``auto`` resolved).
+
+    ``auto`` method: AUTO_METHOD when the source ships a tokenizer (calibration needs
+    one), else ``random``. ``auto`` router: AUTO_ROUTER when calibration runs anyway,
+    else ``zero``. ``norm_topk_prob`` unset: True for Mixtral (its only choice) and for
+    copies (weights must sum to 1), False otherwise.
+    """
+    method = cfg.method
+    if method == "auto":
+        method = AUTO_METHOD if _has_tokenizer(source) else "random"
+    copies = STRATEGIES.get(method).copies
+    router = cfg.router
+    if router == "auto":
+        router = AUTO_ROUTER if needs_calibration(method, "zero", cfg.shared_experts) and not copies else "zero"
+    renorm = cfg.norm_topk_prob if cfg.norm_topk_prob is not None else (cfg.format == "mixtral" or copies)
+    return SplitSpec(method, router, cfg.num_experts, cfg.shared_experts, cfg.top_k, renorm, cfg.scale)
+
+
+def needs_calibration(method: str, router: str, shared_experts: int) -> bool:
+    data = ("activations", "gradients")
+    return (any(n in data for n in STRATEGIES.get(method).needs) or any(n in data for n in ROUTERS.get(router).needs)
+            or shared_experts > 0)
+
+
+def _has_tokenizer(source: Path) -> bool:
+    return any(f.name.startswith("tokenizer") for f in source.iterdir())
+
+
+def decide_layout(cfg: UpcycleConfig, src, spec: SplitSpec) -> MoeLayout:
+    I, N, L = src.intermediate_size, cfg.num_experts, src.num_hidden_layers
+    dense = _dense_layers(cfg.dense_layers, L)
+    if STRATEGIES.get(spec.method).copies:
+        return MoeLayout(N, cfg.top_k, I, 0, dense, spec.renormalize)
     if I % N:
         divisors = [d for d in range(2, min(I, 64) + 1) if I % d == 0]
         raise ConfigError(
             f"intermediate_size {I} is not divisible by num_experts={N} — choose --num-experts from "
             f"{', '.join(map(str, divisors[:12]))}"
         )
-    return MoeLayout(N, cfg.top_k, I // N)
+    n = I // N
+    return MoeLayout(spec.num_routed, cfg.top_k, n, spec.num_shared * n, dense, spec.renormalize)
 
 
-def expert_scale(cfg: UpcycleConfig, layout: MoeLayout) -> float:
-    """The factor folded into each expert's down_proj.
+def _dense_layers(given: list[int], L: int) -> tuple[int, ...]:
+    """``--dense-layers`` as sorted layer indices (negative ones count from the end)."""
+    for d in given:
+        if not -L <= d < L:
+            raise ConfigError(f"dense_layers has {d}, but the model has {L} layers — use 0..{L - 1} or -{L}..-1")
+    dense = tuple(sorted({d % L for d in given}))
+    if len(dense) == L:
+        raise ConfigError(f"dense_layers={given} keeps every layer dense, nothing would be upcycled — list fewer layers")
+    return dense
 
-    With renormalised top-k and a uniform router each active expert gets weight
-    1/K; with K == E the output is (scale / E) * sum of slices, so a split needs
-    scale = E to equal the dense FFN, and a copy needs 1 (weights sum to 1). For
-    K < E the same scale gives LLaMA-MoE's E/K amplification of the chosen slices.
-    """
-    if cfg.scale != "auto":
-        return float(cfg.scale)
-    return 1.0 if STRATEGIES.get(cfg.method).copies else float(layout.num_experts)
+
+def describe_scale(plan: "Plan") -> str:
+    """The routed experts' down_proj scale: one number, or the per-layer range once fitted."""
+    if plan.splits:
+        values = [s.scale for s in plan.splits.values()]
+        lo, hi = min(values), max(values)
+        return f"{lo:g}" if lo == hi else f"{lo:.3g}-{hi:.3g} (least squares per layer)"
+    spec, lay = plan.spec, plan.layout
+    if spec.scale != "auto":
+        return f"{float(spec.scale):g}"
+    if STRATEGIES.get(spec.method).copies:
+        return "1"
+    if lay.top_k < lay.num_experts and needs_calibration(spec.method, spec.router, spec.num_shared):
+        return "auto (least squares per layer on calibration tokens)"
+    E, K = lay.num_experts, lay.top_k
+    return f"{E if spec.renormalize or K >= E else E * E / K:g}"
 
 
 # --- plan ---------------------------------------------------------------------------------
 
 
 def build_plan(cfg: UpcycleConfig, source: Path, src, index: TensorIndex) -> Plan:
-    layout = decide_layout(cfg, src)
+    spec = resolve_spec(cfg, source)
+    layout = decide_layout(cfg, src, spec)
     fmt = choose_format(cfg.format, src, layout)
     L, H, I = src.num_hidden_layers, src.hidden_size, src.intermediate_size
     for layer in range(L):
@@ -157,7 +220,7 @@ def build_plan(cfg: UpcycleConfig, source: Path, src, index: TensorIndex) -> Pla
                 raise InputError(f"{info.name} has shape {info.shape}, config says {shape} — the checkpoint does not match its config.json")
     out_dtype = None if cfg.dtype == "auto" else cfg.dtype
     model_dtype = out_dtype or index["model.embed_tokens.weight"].dtype
-    plan = Plan(source, src, layout, fmt, [], [l for l in range(L) if l not in layout.dense_layers], {})
+    plan = Plan(source, src, layout, fmt, [], [l for l in range(L) if l not in layout.dense_layers], {}, spec=spec)
     layer_of = re.compile(r"^model\.layers\.(\d+)\.")
     by_layer: dict[int, list[str]] = {}
     head, tail = [], []
@@ -199,32 +262,34 @@ def _moe_jobs(cfg: UpcycleConfig, plan: Plan, layer: int, model_dtype: str, out_
     src, lay, fmt = plan.src_config, plan.layout, plan.fmt
     H = src.hidden_size
     names = {p: f"model.layers.{layer}.mlp.{p}.weight" for p in PROJS}
-    strategy, router = STRATEGIES.get(cfg.method), ROUTERS.get(cfg.router)
-    scale = expert_scale(cfg, lay)
+    copies = STRATEGIES.get(plan.spec.method).copies
     seed = cfg.seed * 100_003 + layer  # distinct, reproducible per layer
 
-    def ffn(load) -> FFN:
-        return FFN(*(load(names[p]) for p in PROJS))
-
-    def assignment(load) -> torch.Tensor:
-        if layer not in plan.assignments:
-            plan.assignments[layer] = strategy.fn(ffn(load), lay.num_experts, seed, None)
-        return plan.assignments[layer]
+    def split(load) -> LayerSplit:
+        if layer not in plan.splits:
+            t0 = time.perf_counter()
+            stats = plan.calibrator.layer(layer, load) if plan.calibrator is not None else None
+            ffn = FFN(*(load(names[p]) for p in PROJS))
+            s = split_layer(ffn, stats, plan.spec, seed)
+            if stats is not None:  # the calibration walk continues through this layer's MoE
+                plan.calibrator.finish(layer, lambda x: moe_forward(ffn, s, plan.spec, x))
+            plan.splits[layer], plan.assignments[layer], plan.shared[layer] = s, s.assign_EN, s.shared_N
+            plan.calib_seconds += time.perf_counter() - t0 if stats is not None else 0.0
+        return plan.splits[layer]
 
     def make_router(load):
-        assignment(load)
-        return router.fn(lay.num_experts, H, lay.top_k, seed, None).to(getattr(torch, model_dtype))
+        return split(load).router_EH.to(getattr(torch, model_dtype))
 
     def make_expert(load, e: int, proj: str):
         dtype = getattr(torch, out_dtype or index[names[proj]].dtype)
-        w = load(names[proj])
-        if strategy.copies and scale == 1.0:
+        w, s = load(names[proj]), split(load)
+        if copies and s.scale == 1.0:
             return w.to(dtype)
-        return _take(w, assignment(load)[e], proj, scale, dtype)
+        return _take(w, s.assign_EN[e], proj, s.scale, dtype)
 
     def make_shared(load, proj: str):
         # Always-on shared expert; sigmoid(shared_expert_gate = 0) = 0.5, so down_proj x 2.
-        idx = plan.shared.get(layer, torch.zeros(0, dtype=torch.long))
+        idx = split(load).shared_N
         return _take(load(names[proj]), idx, proj, 2.0, getattr(torch, out_dtype or index[names[proj]].dtype))
 
     jobs = [Job(TensorSpec(fmt.key("router", layer=layer), (lay.num_experts, H), model_dtype), make_router)]
@@ -289,8 +354,13 @@ def describe_plan(plan: Plan, cfg: UpcycleConfig) -> str:
     lines = [
         f"source      {plan.source}",
         f"format      {plan.fmt.name} ({plan.fmt.architecture})",
-        f"layout      {lay.num_experts} experts x {lay.expert_size} neurons, top-{lay.top_k}, "
-        f"method={cfg.method}, router={cfg.router}, scale={expert_scale(cfg, lay):g}",
+        f"layout      {lay.num_experts} experts x {lay.expert_size} neurons, top-{lay.top_k}"
+        + (f", shared expert {lay.shared_size} neurons" if lay.shared_size else "")
+        + (f", dense layers {list(lay.dense_layers)}" if lay.dense_layers else "")
+        + f", norm_topk_prob={lay.norm_topk_prob}",
+        f"method      {plan.spec.method}, router={plan.spec.router}, scale={describe_scale(plan)}",
+        "calibration " + (f"{cfg.calib_tokens} tokens of {cfg.calib_data}"
+                          if needs_calibration(plan.spec.method, plan.spec.router, plan.spec.num_shared) else "none"),
         f"tensors     {len(plan.jobs)} (layer 0 and non-layer tensors below; layers 1-{plan.src_config.num_hidden_layers - 1} alike)",
     ]
     lines += [f"  {j.spec.name:<64} {str(list(j.spec.shape)):<16} {j.spec.dtype}" for j in first]
@@ -327,6 +397,14 @@ def upcycle(config: UpcycleConfig, progress: bool = True) -> Path | str:
     plan = build_plan(config, source, src, index)
     if config.dry_run:
         return describe_plan(plan, config)
+    spec = plan.spec
+    if needs_calibration(spec.method, spec.router, spec.num_shared):  # before any output exists
+        from moekit.upcycle.calibration import Calibrator, calibration_ids
+
+        seq_len = min(CALIB_SEQ_LEN, getattr(src, "max_position_embeddings", CALIB_SEQ_LEN) or CALIB_SEQ_LEN)
+        ids_BT = calibration_ids(source, config.calib_data, config.calib_text_field, config.calib_tokens, seq_len)
+        plan.calibrator = Calibrator(src, ids_BT, seed=config.seed, device="cuda" if torch.cuda.is_available() else "cpu",
+                                     gradients="gradients" in STRATEGIES.get(spec.method).needs)
     with atomic_output(out, force=config.force) as tmp:
         with TensorLoader(index) as load, ShardedWriter(tmp, [j.spec for j in plan.jobs], config.max_shard_size) as writer:
             for job in tqdm(plan.jobs, desc="upcycle", unit="tensor", disable=not progress):
@@ -355,24 +433,34 @@ def _write_metadata(tmp: Path, plan: Plan, config: UpcycleConfig) -> None:
     for f in plan.source.iterdir():
         if f.is_file() and AUX_FILES.match(f.name):
             shutil.copy2(f, tmp / f.name)
-    copies = STRATEGIES.get(config.method).copies
+    copies = STRATEGIES.get(plan.spec.method).copies
+    scales = {str(l): s.scale for l, s in sorted(plan.splits.items())}
     provenance = {
         "moekit_version": __version__,
         "source": str(config.source),
-        "method": config.method,
+        "method": plan.spec.method,
         "seed": config.seed,
-        "router": config.router,
-        "scale": expert_scale(config, plan.layout),
+        "router": plan.spec.router,
+        # one number when every layer has the same scale, else null (see "scales")
+        "scale": next(iter(scales.values())) if len(set(scales.values())) == 1 else None,
+        "scales": scales,
         "layout": dataclasses.asdict(plan.layout),
         "format": plan.fmt.name,
         # expert -> dense intermediate neuron indices, per layer ("all" for copies)
         "experts": {str(l): ("all" if copies else a.tolist()) for l, a in sorted(plan.assignments.items())},
+        "shared_expert": {str(l): s.shared_N.tolist() for l, s in sorted(plan.splits.items()) if len(s.shared_N)},
+        "calibration": None if plan.calibrator is None else {
+            "data": config.calib_data, "tokens": plan.calibrator.tokens, "seconds": round(plan.calib_seconds, 2)},
+        # router-vs-oracle top-k recall on held-out calibration tokens, per layer
+        "router_recall": {str(l): s.recall for l, s in sorted(plan.splits.items()) if s.recall is not None},
     }
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance))
-    (tmp / RECIPE_FILE).write_text(to_recipe(config, "upcycle"))
+    # "auto" depends on the source (tokenizer or not) and on moekit's version: pin what ran
+    pinned = dataclasses.replace(config, method=plan.spec.method, router=plan.spec.router)
+    (tmp / RECIPE_FILE).write_text(to_recipe(pinned, "upcycle"))
     from moekit.upcycle.card import upcycle_card
 
-    (tmp / "README.md").write_text(upcycle_card(plan, config))
+    (tmp / "README.md").write_text(upcycle_card(plan, pinned, auto=(config.method == "auto", config.router == "auto")))
 
 
 def command_line(config: UpcycleConfig) -> str:
@@ -386,6 +474,11 @@ def command_line(config: UpcycleConfig) -> str:
             continue
         if f.name in always or v != getattr(defaults, f.name):
             flag = "--" + f.name.replace("_", "-")
-            args += [flag] if v is True else [flag, str(v)]
+            if isinstance(v, (list, tuple)):
+                args += [flag, ",".join(map(str, v))]
+            elif f.name == "norm_topk_prob":
+                args += [flag, str(v).lower()]
+            else:
+                args += [flag] if v is True else [flag, str(v)]
     return " ".join(args)
 
