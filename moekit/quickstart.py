@@ -47,7 +47,7 @@ def gguf_to_safetensors(out: str | os.PathLike, force: bool = False) -> Path:
 
 
 def quickstart(workdir: str | os.PathLike = "moekit-quickstart", num_experts: int = 8, top_k: int = 2,
-               eval_tokens: int = 4096, progress: bool = True) -> dict:
+               shared_experts: int = 2, eval_tokens: int = 4096, progress: bool = True) -> dict:
     """Run the whole offline pipeline in ``workdir``; returns the summary it prints.
 
     Example:
@@ -67,8 +67,11 @@ def quickstart(workdir: str | os.PathLike = "moekit-quickstart", num_experts: in
         gguf_to_safetensors(dense, force=dense.exists())
     else:
         _say(f"[1/3] reusing {dense}")
-    _say(f"[2/3] upcycling -> {moe} ({num_experts} experts, top-{top_k})")
-    config = UpcycleConfig(str(dense), str(moe), num_experts=num_experts, top_k=top_k, force=True)
+    _say(f"[2/3] upcycling -> {moe} ({num_experts} slices: {shared_experts} shared, top-{top_k} of the rest)")
+    # A shared expert needs Qwen2-MoE; 2 shared + top-2 of 6 routed = half the FFN per token.
+    config = UpcycleConfig(str(dense), str(moe), num_experts=num_experts, top_k=top_k,
+                           shared_experts=shared_experts, format="qwen2_moe" if shared_experts else "mixtral",
+                           force=True)
     upcycle(config, progress=progress)
     _say(f"[3/3] perplexity on {eval_tokens} held-out tokens of built-in text")
     texts = load_texts("builtin", split="eval")
@@ -81,7 +84,7 @@ def quickstart(workdir: str | os.PathLike = "moekit-quickstart", num_experts: in
         del model
     built = json.loads((moe / "moekit_upcycle.json").read_text())  # what "auto" resolved to
     summary = {"dense": str(dense), "moe": str(moe), "method": built["method"], "router": built["router"],
-               "num_experts": num_experts, "top_k": top_k, "perplexity": ppl,
+               "num_experts": num_experts, "shared_experts": shared_experts, "top_k": top_k, "perplexity": ppl,
                "seconds": round(time.perf_counter() - t0, 1)}
     (work / "quickstart.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -93,7 +96,8 @@ def format_summary(s: dict) -> str:
         "",
         f"dense model  {s['dense']}   perplexity {s['perplexity']['dense']:.2f}",
         f"MoE model    {s['moe']}   perplexity {s['perplexity']['moe']:.2f}  ({ratio:.2f}x dense)",
-        f"             {s['num_experts']} experts, top-{s['top_k']}, method={s['method']}, router={s['router']}",
+        f"             {s['num_experts']} slices: {s['shared_experts']} shared, top-{s['top_k']} of the rest; "
+        f"method={s['method']}, router={s['router']}",
         f"done in {s['seconds']} s; summary in {Path(s['moe']).parent / 'quickstart.json'}",
         "",
         "The MoE loads with stock transformers:",

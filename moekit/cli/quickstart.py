@@ -13,20 +13,22 @@ on held-out built-in text. Nothing is downloaded.
 
 EXAMPLES = """
 moekit quickstart
-moekit quickstart --workdir /tmp/qs --num-experts 16 --top-k 4
+moekit quickstart --workdir /tmp/qs --num-experts 16 --shared-experts 4 --top-k 4
+moekit quickstart --shared-experts 0              # Mixtral, 8 experts top-2 (25% active)
 """
 
 
 def register(sub) -> None:
     p = add_command(sub, "quickstart", "offline end-to-end demo on SmolLM2-135M", DESCRIPTION, EXAMPLES, run)
     p.add_argument("--workdir", default="moekit-quickstart", help="where to write everything (default ./moekit-quickstart)")
-    p.add_argument("--num-experts", type=int, default=8, help="experts per layer (default 8)")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--num-experts", type=int, default=8, help="slices per FFN, shared ones included (default 8)")
+    p.add_argument("--shared-experts", type=int, default=2, help="slices in the always-on shared expert (default 2; 0 = Mixtral)")
+    p.add_argument("--top-k", type=int, default=2, help="routed experts per token (default 2)")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens to score (default 4096)")
 
 
 def run(args) -> int:
     from moekit.quickstart import format_summary, quickstart
 
-    print(format_summary(quickstart(args.workdir, args.num_experts, args.top_k, args.eval_tokens)))
+    print(format_summary(quickstart(args.workdir, args.num_experts, args.top_k, args.shared_experts, args.eval_tokens)))
     return 0
