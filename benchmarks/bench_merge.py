@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 WEIGHTS = [0.5, 0.3, 0.2]
@@ -106,18 +105,10 @@ def warm(folders: list[Path]) -> None:
 
 
 def measure(cmd: list[str], out: Path) -> dict:
-    """Wall seconds and peak RSS (GB) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    result = {"seconds": round(seconds, 2), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 3)}
-    if os.waitstatus_to_exitcode(status) != 0:
-        result["error"] = err.decode(errors="replace").strip().splitlines()[-3:]
-    if out.exists():
-        result["output_gb"] = round(sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e9, 3)
-    return result
+    """bench_upcycle's measurement, keeping the output for the agreement check."""
+    from bench_upcycle import measure as measure_child
+
+    return measure_child(cmd, out, keep=True)
 
 
 def mergekit_config(inputs: list[Path], work: Path) -> Path:

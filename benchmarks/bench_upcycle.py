@@ -6,7 +6,7 @@ one run, on the same input, with a warm page cache (a plain copy runs first):
 
 - copy:        ``shutil.copytree`` of the checkpoint (the disk's floor)
 - io_floor:    read every tensor with safetensors and write it back (Python's floor)
-- moekit:      ``moekit upcycle --method random`` (8 experts, top-2)
+- moekit:      ``moekit upcycle --method random --router zero`` (8 experts, top-2)
 - moekit_copy: ``moekit upcycle --method copy`` (8 experts, top-2)
 - mergekit:    ``mergekit-moe`` with ``gate_mode: random`` and the dense model as every
                expert (skipped unless ``--mergekit-python`` points at a Python with mergekit)
@@ -86,8 +86,8 @@ def _tokenizer(folder: Path) -> None:
                             eos_token="</s>").save_pretrained(folder)
 
 
-def measure(cmd: list[str], out: Path | None = None) -> dict:
-    """Wall seconds and peak RSS (GB) of one child process; its output folder is removed after."""
+def measure(cmd: list[str], out: Path | None = None, keep: bool = False) -> dict:
+    """Wall seconds and peak RSS (GB) of one child process; its output folder is removed unless ``keep``."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = proc.stderr.read()
@@ -95,10 +95,11 @@ def measure(cmd: list[str], out: Path | None = None) -> dict:
     seconds = time.perf_counter() - t0
     result = {"seconds": round(seconds, 2), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 3)}
     if os.waitstatus_to_exitcode(status) != 0:
-        result["error"] = err.decode(errors="replace").strip().splitlines()[-1:]
+        result["error"] = err.decode(errors="replace").strip().splitlines()[-3:]
     if out is not None and out.exists():
-        result["output_gb"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9, 2)
-        shutil.rmtree(out)
+        result["output_gb"] = round(sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e9, 3)
+        if not keep:
+            shutil.rmtree(out)
     return result
 
 
@@ -134,7 +135,9 @@ def main() -> None:
         runs = {
             "copy": measure([py, "-c", COPY, str(dense), str(work / "copy")], work / "copy"),
             "io_floor": measure([py, "-c", IO_FLOOR, str(dense), str(work / "floor")], work / "floor"),
-            "moekit": measure(moekit + [str(work / "moe"), "--num-experts", "8", "--top-k", "2"], work / "moe"),
+            # the data-free split: this measures streaming conversion, not calibration (see bench_quality.py)
+            "moekit": measure(moekit + [str(work / "moe"), "--num-experts", "8", "--top-k", "2", "--method", "random",
+                                        "--router", "zero"], work / "moe"),
             "moekit_copy": measure(moekit + [str(work / "moe-copy"), "--method", "copy", "--num-experts", "8",
                                              "--top-k", "2"], work / "moe-copy"),
         }

@@ -44,3 +44,12 @@ def test_bad_recipe_section_is_one_line(tmp_path, capsys):
     assert main(["upcycle", "a", "b", "--config", str(recipe)]) == 1
     err = capsys.readouterr().err
     assert "unknown section 'upcycel'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_does_not_import_the_heavy_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys; from moekit.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))")
+    assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "[]"

@@ -186,12 +186,7 @@ def plot_expert_load(rep: dict, path: str | Path, title: str = "") -> Path:
     ax.set_yticks(range(len(layers)), layers, fontsize=6)
     ax.set_title(title or "expert load (fraction of routing decisions)", fontsize=9)
     fig.colorbar(im, ax=ax, label=f"load (balanced = 1/{width})")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_perplexity(results: dict[str, dict], path: str | Path) -> Path:
@@ -207,6 +202,10 @@ def plot_perplexity(results: dict[str, dict], path: str | Path) -> Path:
     ax.set_ylabel("perplexity (log scale)")
     for b, v in zip(bars, values):
         ax.annotate(f"{v:,.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

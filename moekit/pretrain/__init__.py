@@ -1,6 +1,17 @@
-"""Continued pretraining of upcycled MoE models (``moekit pretrain``)."""
+"""Continued pretraining of upcycled MoE models (``moekit pretrain``).
+
+``from moekit.pretrain import PretrainConfig, pretrain``
+"""
 
 from moekit.pretrain.config import PretrainConfig, Source
-from moekit.pretrain.run import PretrainResult, pretrain
+
+
+def __getattr__(name):
+    if name in ("pretrain", "PretrainResult"):  # lazy: the runner imports the training stack
+        from moekit.pretrain import run
+
+        return getattr(run, name)
+    raise AttributeError(name)
+
 
 __all__ = ["PretrainConfig", "PretrainResult", "Source", "pretrain"]

@@ -69,8 +69,6 @@ class Plan:
     fmt: MoeFormat
     jobs: list[Job]
     moe_layers: list[int]
-    assignments: dict  # layer -> assign_EN (filled while writing)
-    shared: dict = dataclasses.field(default_factory=dict)  # layer -> shared-expert neuron indices
     spec: SplitSpec | None = None  # resolved method / router / weighting
     splits: dict = dataclasses.field(default_factory=dict)  # layer -> LayerSplit (filled while writing)
     calibrator: object = None  # a Calibrator when the settings need calibration data
@@ -220,7 +218,7 @@ def build_plan(cfg: UpcycleConfig, source: Path, src, index: TensorIndex) -> Pla
                 raise InputError(f"{info.name} has shape {info.shape}, config says {shape} — the checkpoint does not match its config.json")
     out_dtype = None if cfg.dtype == "auto" else cfg.dtype
     model_dtype = out_dtype or index["model.embed_tokens.weight"].dtype
-    plan = Plan(source, src, layout, fmt, [], [l for l in range(L) if l not in layout.dense_layers], {}, spec=spec)
+    plan = Plan(source, src, layout, fmt, [], [l for l in range(L) if l not in layout.dense_layers], spec=spec)
     layer_of = re.compile(r"^model\.layers\.(\d+)\.")
     by_layer: dict[int, list[str]] = {}
     head, tail = [], []
@@ -273,7 +271,7 @@ def _moe_jobs(cfg: UpcycleConfig, plan: Plan, layer: int, model_dtype: str, out_
             s = split_layer(ffn, stats, plan.spec, seed)
             if stats is not None:  # the calibration walk continues through this layer's MoE
                 plan.calibrator.finish(layer, lambda x: moe_forward(ffn, s, plan.spec, x))
-            plan.splits[layer], plan.assignments[layer], plan.shared[layer] = s, s.assign_EN, s.shared_N
+            plan.splits[layer] = s
             plan.calib_seconds += time.perf_counter() - t0 if stats is not None else 0.0
         return plan.splits[layer]
 
@@ -447,7 +445,7 @@ def _write_metadata(tmp: Path, plan: Plan, config: UpcycleConfig) -> None:
         "layout": dataclasses.asdict(plan.layout),
         "format": plan.fmt.name,
         # expert -> dense intermediate neuron indices, per layer ("all" for copies)
-        "experts": {str(l): ("all" if copies else a.tolist()) for l, a in sorted(plan.assignments.items())},
+        "experts": {str(l): ("all" if copies else s.assign_EN.tolist()) for l, s in sorted(plan.splits.items())},
         "shared_expert": {str(l): s.shared_N.tolist() for l, s in sorted(plan.splits.items()) if len(s.shared_N)},
         "calibration": None if plan.calibrator is None else {
             "data": config.calib_data, "tokens": plan.calibrator.tokens, "seconds": round(plan.calib_seconds, 2)},
