@@ -87,8 +87,11 @@ def split_layer(ffn: FFN, stats, spec: SplitSpec, seed: int) -> LayerSplit:
     strategy = STRATEGIES.get(spec.method)
     E, H = spec.num_routed, ffn.down_HI.shape[0]
     shared_N, rest_I = _shared_neurons(ffn, stats, spec)
-    sub_stats = stats.subset(rest_I) if stats is not None else None
-    assign_EN = rest_I[strategy.fn(ffn.subset(rest_I), E, seed, sub_stats)]
+    if len(shared_N):  # the routed experts split what the shared expert left
+        routed_ffn, routed_stats = ffn.subset(rest_I), stats.subset(rest_I) if stats is not None else None
+    else:  # every neuron is routed: no copy of the FFN (it is the hot path of a data-free split)
+        routed_ffn, routed_stats = ffn, stats
+    assign_EN = rest_I[strategy.fn(routed_ffn, E, seed, routed_stats)]
     router = ROUTERS.get(spec.router)
     if stats is None or strategy.copies:
         router_EH = router.fn(E, H, spec.top_k, seed, None).float()
