@@ -17,7 +17,8 @@ reserved GPU memory, tokens/s over the timed steps, and the loss at every step
 (compare losses across paths: same data, same seed, same adapters at init).
 
 Issue 5's reference (H100, stock path): QLoRA attention 32 GB, attention+experts 52 GB.
-Targets: attention+experts <= 24 GB with the same losses; stretch <= 12 GB.
+Targets: attention+experts <= 24 GB with the same losses; stretch <= 12 GB. The per-layer
+part of this (no GPU needed) is ``benchmarks/bench_expert_lora.py``.
 
     python benchmarks/bench_finetune.py                 # full 7B shapes (about 15 GB of disk)
     python benchmarks/bench_finetune.py --small         # 1-layer smoke run
@@ -42,7 +43,8 @@ SHAPES = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008 // 8, 
               max_position_embeddings=4096)
 SMALL = dict(SHAPES, num_hidden_layers=1)
 CONTENDERS = [(path, method, targets) for targets in ("attention", "attention,experts")
-              for path, method in (("stock", "qlora"), ("moekit", "qlora"), ("moekit", "lora"))]
+              for path, method in (("stock", "qlora"), ("moekit", "qlora"), ("moekit", "qlora-bf16-experts"),
+                                   ("moekit", "lora"))]
 
 
 def make_checkpoint(folder: Path, shapes: dict) -> None:
@@ -92,7 +94,10 @@ def worker(model_dir: Path, path: str, method: str, targets: str, steps: int, se
     from moekit.train import trainer as T
     from moekit.train.options import TrainingOptions
 
+    from moekit.finetune.run import factor_experts
+
     cfg = AutoConfig.from_pretrained(model_dir)
+    variant, method = method, method.split("-")[0]  # qlora-bf16-experts: qlora, experts left in bf16
     chosen = resolve_targets(cfg, targets.split(","), method)
     torch.cuda.reset_peak_memory_stats()
     if path == "stock":
@@ -124,13 +129,15 @@ def worker(model_dir: Path, path: str, method: str, targets: str, steps: int, se
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     trainer = T.build_trainer(model, tokenizer, data, None, args, peft_config=chosen.lora_config(16, 32, 0.0),
                               callbacks=[Clock()])
+    if path == "moekit" and method == "qlora":  # what moekit.finetune does after building the trainer
+        factor_experts(trainer.model, quantize=variant == "qlora")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     torch.cuda.synchronize()
     T.train(trainer)
     timed = times[2:] if len(times) > 3 else times  # two warm-up steps
     step_s = (timed[-1] - timed[0]) / max(len(timed) - 1, 1)
     return {
-        "path": path, "method": method, "targets": targets,
+        "path": path, "method": variant, "targets": targets,
         "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
         "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
         "after_load_gb": round(load_gb, 2),

@@ -38,15 +38,15 @@ def mixtral_config():
                          max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def qwen_config():
+def qwen_config(**overrides):
     """Layer 0 sparse (experts + shared expert), layer 1 dense (mlp_only_layers)."""
     from transformers import Qwen2MoeConfig
 
-    return Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=I_DENSE, moe_intermediate_size=I_EXPERT,
-                          shared_expert_intermediate_size=SHARED, num_hidden_layers=L, num_attention_heads=4,
-                          num_key_value_heads=2, num_experts=E, num_experts_per_tok=2, mlp_only_layers=[1],
-                          norm_topk_prob=True, max_position_embeddings=128, use_sliding_window=False,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return Qwen2MoeConfig(**{**dict(
+        vocab_size=VOCAB, hidden_size=H, intermediate_size=I_DENSE, moe_intermediate_size=I_EXPERT,
+        shared_expert_intermediate_size=SHARED, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=E, num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=True, max_position_embeddings=128,
+        use_sliding_window=False, bos_token_id=1, eos_token_id=2, pad_token_id=0), **overrides})
 
 
 def llama_config():

@@ -1,4 +1,4 @@
-"""moekit finetune on CUDA: QLoRA (4-bit nn.Linear, bf16 fused experts) and LoRA with grouped_mm experts.
+"""moekit finetune on CUDA: QLoRA (4-bit nn.Linear, NF4 or bf16 fused experts) and LoRA with grouped_mm experts.
 
 Skipped without CUDA (and, for QLoRA, without bitsandbytes). Run with ``pytest -m gpu``.
 """
@@ -50,23 +50,30 @@ def config(setup, out, **kw):
     return FinetuneConfig(str(setup / "moe"), str(out), data=str(setup / "chat.jsonl"), **{**base, **kw})
 
 
-def test_qlora_quantizes_linear_only_and_keeps_experts_bf16(setup, tmp_path, caplog):
+@pytest.mark.parametrize("quantize_experts", [True, False])
+def test_qlora_4bit_linear_and_experts(setup, tmp_path, caplog, quantize_experts):
     bnb = pytest.importorskip("bitsandbytes")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from moekit.finetune import finetune
+    from moekit.finetune.expert_lora import Packed4bit
 
     out = tmp_path / "qlora"
     with caplog.at_level(logging.INFO, logger="moekit"):
-        res = finetune(config(setup, out, method="qlora", merge=True), progress=False)
-    assert "fused experts" in caplog.text and "stay in bf16" in caplog.text
+        res = finetune(config(setup, out, method="qlora", merge=True, quantize_experts=quantize_experts),
+                       progress=False)
+    assert "factored LoRA forward on 2 LoRA-wrapped layers" in caplog.text
     model = res.trainer.model.get_base_model()
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)  # kept out of quantization
-    experts = dict(layer.mlp.experts.named_parameters())
-    assert all(p.dtype == torch.bfloat16 for n, p in experts.items() if "lora" not in n)
+    experts = layer.mlp.experts.get_base_layer()
+    if quantize_experts:
+        assert isinstance(experts.gate_up_proj, Packed4bit) and experts.gate_up_proj.packed.is_cuda
+        assert "packed to NF4" in caplog.text
+    else:
+        assert experts.gate_up_proj.dtype == torch.bfloat16 and "kept in bf16" in caplog.text
     assert layer.mlp.gate.weight.dtype == torch.bfloat16
     assert res.metrics["last_loss"] < res.metrics["first_loss"]
     # the adapter loads on the unquantized base; the merged checkpoint loads stock

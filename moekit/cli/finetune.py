@@ -26,13 +26,14 @@ EXAMPLES = """
 moekit finetune ./moe ./moe-chat --data chat.jsonl                          # LoRA r=16 on attention
 moekit finetune ./moe ./moe-chat --data chat.jsonl --target attention,experts --merge
 moekit finetune mistralai/Mixtral-8x7B-v0.1 ./mixtral-qlora --config recipes/mixtral-qlora-attention.yaml
+moekit finetune ./moe ./moe-qlora --data chat.jsonl --method qlora --target attention,experts   # all 4-bit
 moekit finetune ./moe ./moe-full --data sft.parquet --method full --target experts,router --aux-loss-coef 0.01
 moekit finetune ./moe ./moe-chat --data chat.jsonl --accelerate-config ddp --num-processes 8
 moekit finetune ./moe ./moe-chat --data chat.jsonl --resume                 # after an interruption
 """
 
 FIELDS = (
-    "model", "output", "data", "method", "target", "lora_r", "lora_alpha", "lora_dropout", "router_aux_loss_coef",
+    "model", "output", "data", "method", "quantize_experts", "target", "lora_r", "lora_alpha", "lora_dropout", "router_aux_loss_coef",
     "merge", "data_split", "data_subset", "max_length", "packing", "packing_strategy", "eval_fraction",
     "completion_only_loss", "assistant_only_loss", "learning_rate", "lr_scheduler_type", "warmup_steps",
     "weight_decay", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -54,6 +55,8 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="YAML", help="recipe file; its `finetune:` section sets defaults, flags win")
     g = p.add_argument_group("what to train")
     g.add_argument("--method", choices=METHODS, help="lora (default), qlora (4-bit base, CUDA) or full")
+    g.add_argument("--quantize-experts", action=flag, default=None,
+                   help="qlora: fused experts in NF4 too, LoRA on them per expert (default on for qlora)")
     g.add_argument("--target", metavar="LIST", help=f"comma-separated: {', '.join(TARGET_CHOICES)} "
                    "(default attention for lora/qlora, all but router for full)")
     g.add_argument("--lora-r", type=int, metavar="R", help="LoRA rank (default 16)")

@@ -24,6 +24,9 @@ class FinetuneConfig(TrainingOptions):
         data: training data: JSONL / JSON / Parquet / CSV / text file, folder, glob or Hub dataset id,
             with ``messages``, ``prompt``+``completion``, Alpaca ``instruction``/``input``/``output``, or ``text``.
         method: ``lora``, ``qlora`` (4-bit base, CUDA + bitsandbytes) or ``full``.
+        quantize_experts: qlora only: keep the fused experts in NF4 too, with LoRA on them computed
+            per expert (``None``: on for qlora). Off, the experts stay bf16 (bitsandbytes quantizes
+            ``nn.Linear`` only).
         target: groups to train, any of ``attention``, ``experts``, ``router``, ``shared``, ``mlp``
             (dense FFNs), or ``all``; a list or a comma-separated string. ``None``: attention for
             lora/qlora, everything but the router for full.
@@ -46,6 +49,7 @@ class FinetuneConfig(TrainingOptions):
     output: str
     data: str
     method: str = "lora"
+    quantize_experts: bool | None = None
     target: list[str] | str | None = None
     lora_r: int = 16
     lora_alpha: float = 32
@@ -62,6 +66,11 @@ class FinetuneConfig(TrainingOptions):
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not supported — use one of {', '.join(METHODS)}")
         self.target = _parse_target(self.target)
+        if self.quantize_experts and self.method != "qlora":
+            raise ConfigError(f"quantize_experts applies to method=qlora, not {self.method} — "
+                              "use --method qlora or drop --quantize-experts")
+        if self.quantize_experts is None and self.method == "qlora":
+            self.quantize_experts = True
         if not isinstance(self.lora_r, int) or self.lora_r < 1:
             raise ConfigError(f"lora_r={self.lora_r!r} must be a positive integer — e.g. --lora-r 16")
         if not self.lora_alpha > 0:

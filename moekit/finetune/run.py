@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moekit.errors import ConfigError, OutputExistsError
 from moekit.finetune.config import FinetuneConfig
-from moekit.finetune.targets import (Targets, expert_memory, model_groups, quantization_skip_modules,
+from moekit.finetune.targets import (Targets, expert_memory, model_groups, parameter_count, quantization_skip_modules,
                                      resolve_targets, select_parameters, trainable_by_group)
 from moekit.train import data as D
 from moekit.train import trainer as T
@@ -83,13 +83,16 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> 
     args = T.sft_config(config, run, prec=prec, progress=progress, evaluate=eval_ds is not None,
                         completion_only_loss=config.completion_only_loss, router_aux_loss_coef=aux)
     trainer = T.build_trainer(model, tokenizer, train_ds, eval_ds, args, peft_config=peft_config, callbacks=callbacks)
-    trainable = log_trainable(trainer.model, targets)
+    if config.method == "qlora" and "experts" in model_groups(model_config):
+        factor_experts(trainer.model, quantize=config.quantize_experts)
+    total = parameter_count(model_config)  # the model as defined: 4-bit weights in memory count packed bytes
+    trainable = log_trainable(trainer.model, targets, total)
     metrics = T.train(trainer, checkpoint)
     final = T.save_final(trainer, run)
 
     history = trainer.state.log_history
     info = {"format": fmt, "examples": len(train_ds), "eval_examples": len(eval_ds) if eval_ds is not None else 0,
-            "trainable": trainable, "total_params": sum(p.numel() for p in trainer.model.parameters()),
+            "trainable": trainable, "total_params": total,
             **loss_summary(history)}  # for the model card
     merged = out / MERGED_DIR if config.merge else None
     state = PartialState()
@@ -134,17 +137,28 @@ def load_for_method(config: FinetuneConfig, model_dir: Path, model_config, prec,
         quantization = T.bnb_4bit_config(quantization_skip_modules(model_config), compute_dtype=prec.dtype)
         if moe:
             sizes = expert_memory(model_config)
-            logger.info(f"QLoRA: bitsandbytes 4-bit quantizes nn.Linear layers only (attention, shared expert, "
-                        f"dense MLPs); the fused experts ({sizes.get('experts', 0) / 2**30:.2f} GiB) and routers "
-                        f"({sizes.get('router', 0) / 2**20:.1f} MiB) stay in bf16 on the GPU")
+            experts = (f"the fused experts ({sizes.get('experts', 0) / 2**30:.2f} GiB in bf16) are loaded in bf16 and "
+                       + ("then packed to NF4 by moekit (about a quarter of that)" if config.quantize_experts else
+                          "stay bf16 (--no-quantize-experts)"))
+            logger.info(f"QLoRA: bitsandbytes 4-bit quantizes nn.Linear layers (attention, shared expert, dense "
+                        f"MLPs); {experts}; routers ({sizes.get('router', 0) / 2**20:.1f} MiB) stay bf16")
     logger.info(f"loading {config.model} ({prec.dtype} weights, bf16 autocast {'on' if prec.bf16 else 'off'})")
     return T.load_model(model_dir, dtype=prec.dtype, moe=moe, experts_implementation=config.experts_implementation,
                         quantization_config=quantization, revision=config.revision)
 
 
-def log_trainable(model, targets: Targets) -> dict[str, int]:
+def factor_experts(model, *, quantize: bool) -> None:
+    """QLoRA on an MoE: LoRA on experts computed per expert (no ΔW stacks), experts optionally NF4."""
+    from moekit.finetune.expert_lora import install
+
+    counts = install(model, quantize=quantize)
+    logger.info(f"experts: factored LoRA forward on {counts['wrapped']} LoRA-wrapped layers"
+                + (f"; {counts['quantized']} layers packed to NF4, {counts['freed'] / 2**30:.2f} GiB freed"
+                   if quantize else "; expert weights kept in bf16"))
+
+
+def log_trainable(model, targets: Targets, total: int) -> dict[str, int]:
     counts = trainable_by_group(model, targets)
-    total = sum(p.numel() for p in model.parameters())
     parts = " · ".join(f"{g} {n:,}" for g, n in counts.items())
     logger.info(f"trainable: {parts} ({sum(counts.values()) / max(total, 1):.2%} of {total:,} parameters)")
     return counts

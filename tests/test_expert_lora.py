@@ -1,0 +1,180 @@
+"""Factored LoRA on fused experts and NF4 experts (moekit.finetune.expert_lora), on CPU.
+
+The reference is PEFT's own ``target_parameters`` forward: the factored forward must give the
+same logits and the same LoRA gradients, and with NF4 experts the same as PEFT running on the
+dequantized weights. bitsandbytes runs NF4 on CPU, so the quantized path is tested here too.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+from test_finetune import CONFIGS, build, models  # noqa: E402,F401  (models: a fixture)
+
+from moekit.errors import ConfigError  # noqa: E402
+from moekit.finetune import FinetuneConfig  # noqa: E402
+from moekit.finetune import expert_lora as EL  # noqa: E402
+from moekit.finetune.targets import resolve_targets  # noqa: E402
+
+
+def bnb_or_skip():
+    return pytest.importorskip("bitsandbytes")
+
+
+def peft_moe(arch, target=("attention", "experts"), **overrides):
+    """A tiny MoE with LoRA (random B, so the update is not zero) through PEFT, and the plain model."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](**overrides)) if overrides else build(arch)
+    plain = copy.deepcopy(model)
+    cfg = resolve_targets(CONFIGS[arch](), list(target), "lora").lora_config(4, 8, 0.0)
+    peft_model = get_peft_model(model, cfg)
+    torch.manual_seed(1)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, 0, 0.2)
+    return peft_model, plain
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def experts_of(model):
+    return [m for m in model.modules() if EL.is_fused_experts(m)]
+
+
+IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_factored_forward_equals_peft_logits_and_gradients(arch):
+    model, _ = peft_moe(arch)
+    ref_logits, ref_grads = loss_and_grads(model, IDS)
+    counts = EL.install(model, quantize=False)
+    assert counts["wrapped"] == (2 if arch == "mixtral" else 1) and counts["quantized"] == 0
+    logits, grads = loss_and_grads(model, IDS)
+    assert grads.keys() == ref_grads.keys() and any(".experts." in n for n in grads)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_disabled_adapter_gives_the_base_model():
+    model, plain = peft_moe("mixtral")
+    EL.install(model, quantize=False)
+    with torch.no_grad():
+        with model.disable_adapter():
+            off = model(input_ids=IDS).logits
+        on = model(input_ids=IDS).logits
+        base = plain(input_ids=IDS).logits
+    torch.testing.assert_close(off, base, atol=1e-5, rtol=0)
+    assert (on - base).abs().max() > 1e-3  # the adapter does change the output
+
+
+@pytest.mark.parametrize("target", [("attention", "experts"), ("attention",)])
+def test_nf4_experts_equal_peft_on_their_dequantized_weights(target):
+    bnb_or_skip()
+    # experts of 32: rows of 32 values, which bitsandbytes' CPU kernel dequantizes wrongly as 2-D weights
+    model, _ = peft_moe("qwen2_moe", target, moe_intermediate_size=32)
+    reference = copy.deepcopy(model)
+    originals = [getattr(experts_of(model)[0], n).detach().clone() for n in EL.EXPERT_WEIGHTS]
+    counts = EL.install(model, quantize=True)
+    assert counts["quantized"] == 1 and counts["wrapped"] == (1 if "experts" in target else 0)
+    packed = experts_of(model)[0]
+    assert isinstance(packed.gate_up_proj, EL.Packed4bit) and "gate_up_proj" not in dict(packed.named_parameters())
+    # NF4 costs about a quarter of bf16 (an eighth of these fp32 test weights), and stays close to the original
+    assert packed.gate_up_proj.packed.numel() <= originals[0].numel() // 2
+    for name, original in zip(EL.EXPERT_WEIGHTS, originals):  # NF4's rounding: about 9% of the norm
+        deq = getattr(packed, name).dequantize()
+        assert deq.shape == original.shape and (deq - original).norm() < 0.12 * original.norm()
+    with torch.no_grad():
+        for q, ref in zip(experts_of(model), experts_of(reference)):
+            for name in EL.EXPERT_WEIGHTS:
+                getattr(ref, name).copy_(getattr(q, name).dequantize())
+    ref_logits, ref_grads = loss_and_grads(reference, IDS)
+    logits, grads = loss_and_grads(model, IDS)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def sft_run(model_dir, run, *, factored: bool):
+    """8 steps of TRL SFTTrainer + PEFT LoRA on attention and experts; ``factored``: experts NF4 and factored."""
+    import datasets
+
+    from moekit.train import trainer as T
+    from moekit.train.options import TrainingOptions
+
+    tokenizer = T.load_tokenizer(model_dir)
+    model = T.load_model(model_dir, dtype="float32", moe=True)
+    targets = resolve_targets(model.config, ["attention", "experts"], "qlora")
+    text = ["the cat sat on the red hat " * 3] * 16
+    options = TrainingOptions(max_length=48, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=8,
+                              learning_rate=1e-2, warmup_steps=0, lr_scheduler_type="constant", logging_steps=1,
+                              report_to=["none"], seed=0)
+    args = T.sft_config(options, run, prec=T.precision(options, adapters=True), progress=False, evaluate=False,
+                        router_aux_loss_coef=0.0)
+    trainer = T.build_trainer(model, tokenizer, datasets.Dataset.from_dict({"text": text}), None, args,
+                              peft_config=targets.lora_config(4, 8, 0.0))
+    if factored:
+        EL.install(trainer.model, quantize=True)
+    before = {n: t.detach().clone() for n, t in [*trainer.model.named_parameters(), *trainer.model.named_buffers()]
+              if ".experts." in n}
+    T.train(trainer)
+    return trainer, before, [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def test_sft_trainer_on_nf4_experts_learns_like_peft_and_the_adapter_reloads(models, tmp_path):
+    """The whole path on CPU: TRL SFTTrainer + PEFT, experts NF4 and factored, adapter saved by PEFT."""
+    bnb_or_skip()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = models / "mixtral"
+    _, _, stock = sft_run(model_dir, tmp_path / "stock", factored=False)
+    trainer, before, losses = sft_run(model_dir, tmp_path / "nf4", factored=True)
+    assert losses[-1] < losses[0] - 0.2  # it learns ...
+    assert max(abs(a - b) for a, b in zip(losses, stock)) < 0.02  # ... as PEFT's bf16 path does
+    model = trainer.model
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in before:  # LoRA factors moved, the packed base did not
+            assert torch.equal(t, before[name]) == (".packed" in name), name
+    model.save_pretrained(tmp_path / "adapter")
+    # PEFT's stock loader on the dequantized base reproduces the trained model
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for q, ref in zip(experts_of(model), experts_of(base)):
+            for name in EL.EXPERT_WEIGHTS:
+                getattr(ref, name).copy_(getattr(q, name).dequantize())
+        reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        ids = torch.randint(3, 100, (1, 20))
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits,
+                                   atol=1e-4, rtol=0)
+
+
+def test_experts_trained_in_full_are_not_quantized():
+    bnb_or_skip()
+    model = build("mixtral")
+    with pytest.raises(ConfigError, match="train the experts with LoRA"):
+        EL.install(model, quantize=True)
+
+
+def test_quantize_experts_is_a_qlora_setting():
+    assert FinetuneConfig("m", "o", data="d", method="qlora").quantize_experts is True
+    assert FinetuneConfig("m", "o", data="d", method="qlora", quantize_experts=False).quantize_experts is False
+    with pytest.raises(ConfigError, match="quantize_experts applies to method=qlora"):
+        FinetuneConfig("m", "o", data="d", method="lora", quantize_experts=True)
