@@ -290,12 +290,15 @@ def test_debug_env_shows_traceback(tiny_llama, tmp_path, monkeypatch):
         main(["upcycle", str(src), str(tmp_path / "moe"), "--num-experts", "5"])
 
 
-@pytest.mark.parametrize("scale", [8.0, 3.0, 0.37])
-def test_fast_bf16_scaling_is_bit_identical_to_torch(scale):
+@pytest.mark.parametrize("scale", [8.0, 4.0, 0.25, 3.0, 0.37])
+@pytest.mark.parametrize("special", [True, False])  # False: the exponent-add path of powers of two
+def test_fast_bf16_scaling_is_bit_identical_to_torch(scale, special):
     from moekit.upcycle.convert import _scale_bf16
 
     x = (torch.randn(64, 33, generator=torch.Generator().manual_seed(0)) * 0.05).bfloat16()
-    x[0, :6] = torch.tensor([0.0, -0.0, float("inf"), 1e-40, 3e38, float("nan")]).bfloat16()
+    x[1, :2] = torch.tensor([1e30, -1e-30]).bfloat16()  # normal, far from the range ends
+    if special:
+        x[0, :6] = torch.tensor([0.0, -0.0, float("inf"), 1e-40, 3e38, float("nan")]).bfloat16()
     got, want = _scale_bf16(x, scale), x.clone().mul_(scale)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 

@@ -13,8 +13,9 @@ class TensorLoader:
     Each tensor is read with one ``readinto`` at the offset the safetensors header
     gives. We do not keep ``safe_open``'s mmap: every page it touches stays
     resident while the shard is open, so RSS would grow with the shard size.
-    ``cache`` keeps the last few tensors because one dense FFN matrix feeds
-    several expert tensors.
+    ``cache`` keeps the last few tensors read with ``cache=True`` (the default),
+    because one dense FFN matrix feeds several expert tensors; tensors read once
+    (embeddings, ``lm_head``, attention) pass ``cache=False`` and are not held.
 
     Example:
         >>> with TensorLoader(TensorIndex.from_folder(d)) as load:   # doctest: +SKIP
@@ -28,7 +29,7 @@ class TensorLoader:
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = cache
 
-    def __call__(self, name: str):
+    def __call__(self, name: str, cache: bool = True):
         import torch
 
         if name in self._cache:
@@ -47,7 +48,7 @@ class TensorLoader:
                 raise OSError(f"short read of {name} from {info.file}")
             done += n
         tensor = buf.view(getattr(torch, info.dtype)).reshape(info.shape)
-        if self._cache_size:
+        if cache and self._cache_size:
             self._cache[name] = tensor
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
