@@ -49,10 +49,8 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> 
         >>> finetune(cfg).output   # doctest: +SKIP
         PosixPath('moe-sft')
     """
-    from accelerate import PartialState
-
     from moekit.io import resolve_model_dir
-    from moekit.train.launch import launched
+    from moekit.train.launch import launched, process_state
 
     T.require_train_extra(config.report_to)
     if config.accelerate_config and not launched():
@@ -95,7 +93,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> 
             "trainable": trainable, "total_params": total,
             **loss_summary(history)}  # for the model card
     merged = out / MERGED_DIR if config.merge else None
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         publish(run, final, out, force=config.force, log_history=history,
                 write=lambda tmp: write_extras(tmp, final, config, model_dir, tokenizer, info))

@@ -195,13 +195,13 @@ def prepare_data(config: PretrainConfig, tokenizer) -> PretrainData:
         >>> data.train[0]["input_ids"][:4]  # doctest: +SKIP
         [1, 415, 2936, 9060]
     """
-    from accelerate import PartialState
-
     import datasets
+
+    from moekit.train.launch import process_state
 
     sources = [parse_source(s, "data") for s in config.data]
     weights = config.weights or [1.0] * len(sources)
-    with PartialState().main_process_first():  # rank 0 tokenises, the others read its cache
+    with process_state().main_process_first():  # rank 0 tokenises, the others read its cache
         parts, held, infos = [], [], []
         for source, weight in zip(sources, weights):
             train, heldout, info = source_blocks(source, tokenizer, config, holdout=not config.eval_data)

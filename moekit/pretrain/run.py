@@ -74,7 +74,7 @@ class Plan:
 
 
 def plan_run(config: PretrainConfig) -> Plan:
-    from accelerate import PartialState
+    from moekit.train.launch import process_state
 
     from moekit.io import resolve_model_dir
     from moekit.train.launch import launched
@@ -94,7 +94,7 @@ def plan_run(config: PretrainConfig) -> Plan:
     tokenizer = T.load_tokenizer(model_dir, config.revision)
     teacher_dir = check_teacher(config, tokenizer, model_config) if config.teacher else None
     data = prepare_data(config, tokenizer)
-    blocks_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * PartialState().num_processes
+    blocks_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * process_state().num_processes
     tokens_per_step = config.max_length * blocks_per_step
     data.train = whole_steps(data.train, blocks_per_step, config.max_length)
     max_steps = config.max_steps if config.max_tokens is None else math.ceil(config.max_tokens / tokens_per_step)
@@ -137,7 +137,7 @@ def build_trainer(plan: Plan, run: Path, *, progress: bool, callbacks=()):
 
 def finish(plan: Plan, trainer, run: Path, final: Path, metrics: dict) -> PretrainResult:
     """Publish the output (main process) with its card, recipe and logs."""
-    from accelerate import PartialState
+    from moekit.train.launch import process_state
 
     config, history = plan.config, trainer.state.log_history
     tokens = trainer.state.global_step * plan.tokens_per_step
@@ -145,7 +145,7 @@ def finish(plan: Plan, trainer, run: Path, final: Path, metrics: dict) -> Pretra
             "moe": plan.moe, "total_params": sum(p.numel() for p in trainer.model.parameters()),
             "sources": plan.data.sources, "eval_blocks": plan.data.eval_blocks, "final_eval": final_eval(history),
             **loss_summary(history)}
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         publish(run, final, config.output, force=config.force, log_history=history,
                 write=lambda tmp: write_extras(tmp, run, config, plan.model_dir, info))

@@ -18,6 +18,7 @@ from pathlib import Path
 from moekit.errors import ConfigError, MoekitError
 
 SHIPPED = ("ddp", "fsdp2", "zero2", "zero3")
+GPU_ONLY = ("FSDP", "DEEPSPEED")  # accelerate runs these only on GPUs (on CPUs it would silently fall back to DDP)
 
 
 def accelerate_config_path(name: str) -> Path:
@@ -29,6 +30,19 @@ def accelerate_config_path(name: str) -> Path:
         return path
     raise ConfigError(f"accelerate_config={name!r} is neither a shipped config ({', '.join(SHIPPED)}) nor a file — "
                       "pick one of those names or pass the path of an `accelerate config` YAML")
+
+
+def process_state():
+    """accelerate's ``PartialState`` for this process, created the same way everywhere.
+
+    It is a singleton: the first construction decides. Without CUDA it must be told
+    ``cpu=True``, or workers started by ``torchrun`` each believe they are alone
+    (and the Trainer then skips DDP).
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def launched() -> bool:
@@ -46,12 +60,21 @@ def relaunch(config, section: str) -> int:
 
     from moekit.config import to_recipe
 
+    import torch
+    import yaml
+
     path = accelerate_config_path(config.accelerate_config)
+    kind = (yaml.safe_load(path.read_text()) or {}).get("distributed_type", "")
+    if kind in GPU_ONLY and not torch.cuda.is_available():
+        raise ConfigError(f"accelerate_config={config.accelerate_config!r} ({kind}) needs CUDA GPUs and none is "
+                          "visible — use --accelerate-config ddp (runs over gloo on CPUs) or run on GPUs")
+    # moekit decides mixed precision (options.bf16, else bf16 where the GPU supports it), not the YAML
+    bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     child = dataclasses.replace(config, accelerate_config=None, num_processes=None)
     fd, recipe = tempfile.mkstemp(prefix=f"moekit-{section}-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         f.write(to_recipe(child, section))
-    args = ["--config_file", str(path)]
+    args = ["--config_file", str(path), "--mixed_precision", "bf16" if bf16 else "no"]
     if config.num_processes:
         args += ["--num_processes", str(config.num_processes)]
     args += ["--module", "moekit.cli.main", section, "--config", recipe]

@@ -87,10 +87,10 @@ def load_model(model_dir: Path, *, dtype: str, moe: bool, experts_implementation
     if moe:
         kw["experts_implementation"] = experts_implementation or "grouped_mm"
     if quantization_config is not None:
-        from accelerate import PartialState
+        from moekit.train.launch import process_state
 
         kw["quantization_config"] = quantization_config
-        kw["device_map"] = {"": PartialState().local_process_index}
+        kw["device_map"] = {"": process_state().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
     if moe:
         impl = getattr(model.config, "_experts_implementation", None) or kw["experts_implementation"]
@@ -135,10 +135,12 @@ def prepare_run(output: str | Path, options: TrainingOptions) -> tuple[Path, str
     Checkpoints live in :func:`run_dir` until the output is published, so an interrupted
     run leaves no output folder but can be resumed with ``resume_from_checkpoint=True``.
     """
-    from accelerate import PartialState
     from transformers.trainer_utils import get_last_checkpoint
 
+    from moekit.train.launch import process_state
+
     run, resume = run_dir(output), options.resume_from_checkpoint
+    state = process_state()
     checkpoint = None
     if isinstance(resume, str):
         if not Path(resume, "trainer_state.json").is_file():
@@ -152,7 +154,7 @@ def prepare_run(output: str | Path, options: TrainingOptions) -> tuple[Path, str
     elif run.exists() and not options.force:
         raise ConfigError(f"{run} holds the checkpoints of an interrupted run for {output} — "
                           "pass --resume to continue it or --force to start over")
-    state = PartialState()
+    state.wait_for_everyone()  # every process has looked before the main one changes anything
     if state.is_main_process:
         if run.exists() and not resume:
             shutil.rmtree(run)
@@ -215,6 +217,7 @@ def sft_config(options: TrainingOptions, run: Path, *, prec: Precision, progress
         report_to=o.report_to,
         disable_tqdm=not progress,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # CPU workers under torchrun: DDP over gloo
     )
     kwargs.update(overrides or {})
     kwargs.update(o.trainer_args)  # recipe pass-through (validated against SFTConfig, never a managed key)
@@ -236,6 +239,12 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, args, *, peft_c
                                           processing_class=tokenizer, peft_config=peft_config,
                                           callbacks=list(callbacks) or None)
     trainer.moekit_router_settings = loaded
+    acc = trainer.accelerator
+    if acc.num_processes > 1:
+        fsdp = f" v{acc.state.fsdp_plugin.fsdp_version}" if trainer.is_fsdp_enabled else ""
+        logger.info(f"{acc.num_processes} processes: {acc.distributed_type.value}{fsdp} "
+                    f"({'gloo on CPU' if acc.device.type == 'cpu' else acc.device.type}), "
+                    f"mixed precision {acc.mixed_precision}")
     return trainer
 
 
