@@ -112,8 +112,8 @@ def test_nf4_experts_equal_peft_on_their_dequantized_weights(target):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4)
 
 
-def sft_run(model_dir, run, *, factored: bool):
-    """8 steps of TRL SFTTrainer + PEFT LoRA on attention and experts; ``factored``: experts NF4 and factored."""
+def sft_run(model_dir, run, *, factored: bool, steps: int = 8, resume: str | None = None):
+    """TRL SFTTrainer + PEFT LoRA on attention and experts; ``factored``: experts NF4 and factored."""
     import datasets
 
     from moekit.train import trainer as T
@@ -123,9 +123,9 @@ def sft_run(model_dir, run, *, factored: bool):
     model = T.load_model(model_dir, dtype="float32", moe=True)
     targets = resolve_targets(model.config, ["attention", "experts"], "qlora")
     text = ["the cat sat on the red hat " * 3] * 16
-    options = TrainingOptions(max_length=48, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=8,
-                              learning_rate=1e-2, warmup_steps=0, lr_scheduler_type="constant", logging_steps=1,
-                              report_to=["none"], seed=0)
+    options = TrainingOptions(max_length=48, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                              max_steps=steps, learning_rate=1e-2, warmup_steps=0, lr_scheduler_type="constant",
+                              logging_steps=1, save_steps=2, report_to=["none"], seed=0)
     args = T.sft_config(options, run, prec=T.precision(options, adapters=True), progress=False, evaluate=False,
                         router_aux_loss_coef=0.0)
     trainer = T.build_trainer(model, tokenizer, datasets.Dataset.from_dict({"text": text}), None, args,
@@ -134,7 +134,7 @@ def sft_run(model_dir, run, *, factored: bool):
         EL.install(trainer.model, quantize=True)
     before = {n: t.detach().clone() for n, t in [*trainer.model.named_parameters(), *trainer.model.named_buffers()]
               if ".experts." in n}
-    T.train(trainer)
+    T.train(trainer, resume)
     return trainer, before, [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
@@ -164,6 +164,21 @@ def test_sft_trainer_on_nf4_experts_learns_like_peft_and_the_adapter_reloads(mod
         ids = torch.randint(3, 100, (1, 20))
         torch.testing.assert_close(model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits,
                                    atol=1e-4, rtol=0)
+
+
+def test_resume_with_nf4_experts_continues_exactly(models, tmp_path):
+    """An interrupted run resumed from its checkpoint ends where an uninterrupted one does."""
+    bnb_or_skip()
+    model_dir = models / "mixtral"
+    straight, _, expected = sft_run(model_dir, tmp_path / "straight", factored=True, steps=4)
+    sft_run(model_dir, tmp_path / "cut", factored=True, steps=2)  # "interrupted" after its step-2 checkpoint
+    resumed, _, losses = sft_run(model_dir, tmp_path / "cut", factored=True, steps=4,
+                                 resume=str(tmp_path / "cut" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    assert losses == pytest.approx(expected, abs=1e-5)  # steps 3 and 4 trained again the same way
+    lora = lambda t: {n: p for n, p in t.model.named_parameters() if "lora_" in n}
+    for name, p in lora(straight).items():
+        torch.testing.assert_close(lora(resumed)[name], p, atol=1e-6, rtol=0)
 
 
 def test_experts_trained_in_full_are_not_quantized():
