@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from moekit.cli.common import add_command, add_run_args
+from moekit.cli.common import add_command, add_optimization_args, add_run_args
 
 DESCRIPTION = """
 Fine-tune an MoE (Mixtral, Qwen2-MoE) or a dense LLaMA with LoRA, QLoRA or full
@@ -45,7 +45,7 @@ FIELDS = (
 
 def register(sub) -> None:
     from moekit.finetune.targets import METHODS, TARGET_CHOICES
-    from moekit.train.options import DTYPES, EXPERTS_IMPLEMENTATIONS, PACKING_STRATEGIES
+    from moekit.train.options import PACKING_STRATEGIES
 
     flag = argparse.BooleanOptionalAction
     p = add_command(sub, "finetune", "LoRA / QLoRA / full fine-tuning (TRL SFT)", DESCRIPTION, EXAMPLES, run)
@@ -75,19 +75,9 @@ def register(sub) -> None:
     g.add_argument("--completion-only-loss", action=flag, default=None, help="prompt/completion data: loss on completions only (default on)")
     g.add_argument("--assistant-only-loss", action=flag, default=None, help="chat data: loss on assistant turns only (default on)")
     g = p.add_argument_group("training")
-    g.add_argument("--learning-rate", type=float, metavar="LR", help="peak LR (default 2e-4 lora/qlora, 2e-5 full)")
-    g.add_argument("--lr-scheduler-type", metavar="NAME", help="cosine (default), linear, constant ...")
-    g.add_argument("--warmup-steps", type=float, metavar="N", help="warm-up steps, or a fraction below 1 (default 0.03)")
-    g.add_argument("--weight-decay", type=float, metavar="W", help="AdamW weight decay (default 0)")
     g.add_argument("--num-train-epochs", type=float, metavar="E", help="epochs (default 1)")
     g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps; wins over epochs")
-    g.add_argument("--per-device-train-batch-size", type=int, metavar="B", help="examples per device (default 2)")
-    g.add_argument("--gradient-accumulation-steps", type=int, metavar="N", help="micro-batches per step (default 8)")
-    g.add_argument("--gradient-checkpointing", action=flag, default=None, help="recompute activations (default on)")
-    g.add_argument("--bf16", action=flag, default=None, help="bf16 autocast (default: on when the GPU supports it)")
-    g.add_argument("--dtype", choices=DTYPES, help="weight dtype at load (default auto)")
-    g.add_argument("--experts-implementation", choices=EXPERTS_IMPLEMENTATIONS, help="fused-experts kernel (default grouped_mm)")
-    g.add_argument("--seed", type=int, help="seed (default 0)")
+    add_optimization_args(g, learning_rate="peak LR (default 2e-4 lora/qlora, 2e-5 full)")
     g = p.add_argument_group("logging, checkpoints, launch")
     add_run_args(g)
 

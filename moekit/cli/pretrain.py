@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from moekit.cli.common import add_command, add_run_args
+from moekit.cli.common import add_command, add_optimization_args, add_run_args
 
 DESCRIPTION = """
 Continue pretraining an upcycled MoE (Mixtral, Qwen2-MoE) — or a dense LLaMA — on
@@ -48,7 +48,6 @@ FIELDS = (
 
 def register(sub) -> None:
     from moekit.pretrain.config import STOPPING, TRAIN_CHOICES
-    from moekit.train.options import DTYPES, EXPERTS_IMPLEMENTATIONS
 
     flag = argparse.BooleanOptionalAction
     p = add_command(sub, "pretrain", "continued pretraining on raw text (MoE losses, distillation)",
@@ -80,19 +79,14 @@ def register(sub) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
     g.add_argument("--max-tokens", type=int, metavar="N", help="tokens to train on (instead of --max-steps)")
-    g.add_argument("--learning-rate", type=float, metavar="LR", help="peak LR (default 2e-4, LLaMA-MoE's)")
-    g.add_argument("--lr-scheduler-type", metavar="NAME", help="cosine (default), cosine_with_min_lr, linear, constant ...")
-    g.add_argument("--warmup-steps", type=float, metavar="N", help="warm-up steps, or a fraction below 1 (default 0.03)")
-    g.add_argument("--weight-decay", type=float, metavar="W", help="AdamW weight decay (default 0)")
-    g.add_argument("--max-grad-norm", type=float, metavar="N", help="gradient clipping (default 1.0)")
     g.add_argument("--num-train-epochs", type=float, metavar="E", help="epochs when neither --max-steps nor --max-tokens")
-    g.add_argument("--per-device-train-batch-size", type=int, metavar="B", help="sequences per device (default 2)")
-    g.add_argument("--gradient-accumulation-steps", type=int, metavar="N", help="micro-batches per step (default 8)")
-    g.add_argument("--gradient-checkpointing", action=flag, default=None, help="recompute activations (default on)")
-    g.add_argument("--bf16", action=flag, default=None, help="bf16 autocast (default: on when the GPU supports it)")
-    g.add_argument("--dtype", choices=DTYPES, help="weight dtype at load (default auto: float32 master weights)")
-    g.add_argument("--experts-implementation", choices=EXPERTS_IMPLEMENTATIONS, help="fused-experts kernel (default grouped_mm)")
-    g.add_argument("--seed", type=int, help="seed for data order and mixture (default 0)")
+    g.add_argument("--max-grad-norm", type=float, metavar="N", help="gradient clipping (default 1.0)")
+    add_optimization_args(
+        g, learning_rate="peak LR (default 2e-4, LLaMA-MoE's)",
+        lr_scheduler_type="cosine (default), cosine_with_min_lr, linear, constant ...",
+        per_device_train_batch_size="sequences per device (default 2)",
+        dtype="weight dtype at load (default auto: float32 master weights)",
+        seed="seed for data order and mixture (default 0)")
     g = p.add_argument_group("logging, checkpoints, launch, publishing")
     add_run_args(g)
     g.add_argument("--push-to-hub", metavar="REPO_ID", help="upload OUT to this Hub repo when done (see moekit push)")
