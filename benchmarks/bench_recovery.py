@@ -79,9 +79,10 @@ def upcycled_model(args, dense: Path, work: Path) -> tuple[Path, dict]:
 def train_arm(name: str, model: Path, args, work: Path, teacher: Path | None = None) -> dict:
     """One moekit.pretrain run; its held-out curve, throughput and time."""
     from moekit.pretrain import PretrainConfig, pretrain
-    from moekit.pretrain.run import is_moe, load_model_config
+    from moekit.pretrain.run import is_moe
+    from moekit.train.trainer import load_model_config
 
-    moe = is_moe(load_model_config(model))
+    moe = is_moe(load_model_config(model, "a causal LM"))
     steps = math.ceil(args.tokens / (args.seq * args.batch * args.ga))
     cfg = PretrainConfig(
         str(model), str(work / f"trained-{name}"), data=["builtin"], eval_data=["builtin:eval"],
