@@ -181,6 +181,47 @@ def test_resume_with_nf4_experts_continues_exactly(models, tmp_path):
         torch.testing.assert_close(lora(resumed)[name], p, atol=1e-6, rtol=0)
 
 
+def qlora_cpu_run(model_dir, run, *, staged: bool) -> list[float]:
+    """moekit's QLoRA flow with the CPU as the device: 3 steps, losses."""
+    import datasets
+
+    from moekit.finetune.run import STAGED, factor_experts, load_staged
+    from moekit.finetune.targets import quantization_skip_modules
+    from moekit.train import trainer as T
+    from moekit.train.options import TrainingOptions
+
+    bnb = bnb_or_skip()
+    cfg = T.load_model_config(model_dir, "a MoE")
+    load = dict(dtype="float32", moe=True, quantization_config=T.bnb_4bit_config(quantization_skip_modules(cfg),
+                                                                                compute_dtype="float32"))
+    device = torch.device("cpu")
+    model = load_staged(model_dir, load, device) if staged else T.load_model(model_dir, **load, device_map={"": "cpu"})
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert getattr(model, STAGED, None) == (device if staged else None)
+    options = TrainingOptions(max_length=48, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                              max_steps=3, learning_rate=1e-2, warmup_steps=0, lr_scheduler_type="constant",
+                              logging_steps=1, report_to=["none"], seed=0)
+    args = T.sft_config(options, run, prec=T.precision(options, adapters=True), progress=False, evaluate=False,
+                        router_aux_loss_coef=0.0)
+    data = datasets.Dataset.from_dict({"text": ["the cat sat on the red hat " * 3] * 12})
+    trainer = T.build_trainer(model, T.load_tokenizer(model_dir), data, None, args,
+                              peft_config=resolve_targets(cfg, ["attention", "experts"], "qlora").lora_config(4, 8, 0.0))
+    factor_experts(trainer.model, quantize=True, device=getattr(model, STAGED, None))
+    assert all(isinstance(m.gate_up_proj, EL.Packed4bit) for m in experts_of(trainer.model))
+    T.train(trainer)
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def test_qlora_flow_on_cpu_staged_and_direct_train_alike(models, tmp_path):
+    """QLoRA as moekit runs it, on the CPU (bitsandbytes runs there): 4-bit linear layers, experts
+    packed after PEFT wrapped them. Staged is the path for experts larger than the GPU (loaded on the
+    CPU, everything else moved, experts packed onto the device), here with the CPU as the device."""
+    direct = qlora_cpu_run(models / "mixtral", tmp_path / "direct", staged=False)
+    staged = qlora_cpu_run(models / "mixtral", tmp_path / "staged", staged=True)
+    assert len(direct) == 3 and direct[-1] < direct[0]
+    assert staged == pytest.approx(direct, abs=1e-6)
+
+
 def test_experts_trained_in_full_are_not_quantized():
     bnb_or_skip()
     model = build("mixtral")

@@ -84,6 +84,24 @@ def test_qlora_4bit_linear_and_experts(setup, tmp_path, caplog, quantize_experts
     assert torch.isfinite(merged(input_ids=ids).logits).all()
 
 
+def test_qlora_experts_staged_on_the_cpu_train_like_the_direct_load(setup, tmp_path, caplog, monkeypatch):
+    """Experts too large for the GPU: loaded on the CPU, packed onto the GPU one at a time."""
+    pytest.importorskip("bitsandbytes")
+    import moekit.finetune.run as run_mod
+    from moekit.finetune import finetune
+
+    direct = finetune(config(setup, tmp_path / "direct", method="qlora"), progress=False)
+    monkeypatch.setattr(run_mod, "experts_fit_gpu", lambda nbytes: False)
+    with caplog.at_level(logging.INFO, logger="moekit"):
+        staged = finetune(config(setup, tmp_path / "staged", method="qlora"), progress=False)
+    assert "loading the model into CPU memory first" in caplog.text
+    model = staged.trainer.model
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {b.device.type for b in model.buffers()} == {"cuda"}
+    losses = lambda r: [e["loss"] for e in r.trainer.state.log_history if "loss" in e]
+    assert losses(staged) == pytest.approx(losses(direct), abs=2e-2)
+
+
 def test_lora_on_cuda_uses_grouped_mm_and_bf16(setup, tmp_path, caplog):
     from moekit.finetune import finetune
 

@@ -45,15 +45,15 @@ class Packed4bit(nn.Module):
     split of LLaMA-2-7B: 25% error instead of NF4's 9%); flat vectors are exact on every backend.
     """
 
-    def __init__(self, weight: torch.Tensor, quant_type: str = "nf4"):
+    def __init__(self, weight: torch.Tensor, quant_type: str = "nf4", device=None):
         super().__init__()
         import bitsandbytes.functional as bnbf
 
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype  # compute dtype: what the expert weight was
         packed, self.states = [], []
-        for w in weight.detach():
-            q, state = bnbf.quantize_4bit(w.reshape(-1), quant_type=quant_type, compress_statistics=True)
+        for w in weight.detach():  # one expert at a time onto ``device``: only its bf16 copy travels
+            q, state = bnbf.quantize_4bit(w.reshape(-1).to(device), quant_type=quant_type, compress_statistics=True)
             packed.append(q)
             self.states.append(state)
         # not persistent: adapters are saved, never the quantized base
@@ -70,6 +70,12 @@ class Packed4bit(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return torch.stack([self.weight(e) for e in range(self.shape[0])])
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for state in self.states:  # bitsandbytes' QuantState moves in place, next to the packed bytes
+            state.to(self.packed.device)
+        return self
 
     def extra_repr(self) -> str:
         return f"shape={list(self.shape)}, nf4, compute_dtype={self.dtype}"
@@ -175,8 +181,9 @@ def _wrapper_chains(model: nn.Module) -> list[list]:
     return chains
 
 
-def quantize_experts(experts: nn.Module) -> int:
-    """Replace the bf16 expert stacks of one fused-experts module by NF4; returns bytes freed."""
+def quantize_experts(experts: nn.Module, device=None) -> int:
+    """Replace the bf16 expert stacks of one fused-experts module by NF4 (on ``device``, default:
+    where they are); returns bytes freed."""
     freed = 0
     for name in EXPERT_WEIGHTS:
         weight = getattr(experts, name)
@@ -185,16 +192,17 @@ def quantize_experts(experts: nn.Module) -> int:
         if weight.requires_grad:
             raise ConfigError("expert weights that train in full cannot be 4-bit — "
                               "train the experts with LoRA, or turn off quantize_experts")
-        packed = Packed4bit(weight.data)
+        packed = Packed4bit(weight.data, device=device)
         freed += weight.numel() * weight.element_size() - packed.packed.numel()
         del experts._parameters[name]
         setattr(experts, name, packed)
     return freed
 
 
-def install(model: nn.Module, *, quantize: bool) -> dict[str, int]:
+def install(model: nn.Module, *, quantize: bool, device=None) -> dict[str, int]:
     """Route every fused-experts module of ``model`` (a ``PeftModel`` or plain) through
-    :func:`experts_forward`; ``quantize`` also stores its expert weights in NF4.
+    :func:`experts_forward`; ``quantize`` also stores its expert weights in NF4 (packed on
+    ``device``: experts staged on the CPU are packed straight onto the GPU).
 
     Wrapped experts (LoRA on ``gate_up_proj`` / ``down_proj``) get the factored LoRA forward;
     experts without LoRA are replaced only when quantized (otherwise transformers' kernel stays).
@@ -214,10 +222,18 @@ def install(model: nn.Module, *, quantize: bool) -> dict[str, int]:
     if quantize:
         for module in model.modules():
             if is_fused_experts(module):
-                counts["freed"] += quantize_experts(module)
+                counts["freed"] += quantize_experts(module, device)
                 counts["quantized"] += 1
                 if id(module) not in wrapped_bases:
                     module.forward = types.MethodType(_base_forward, module)
     if quantize and torch.cuda.is_available():
         torch.cuda.empty_cache()
     return counts
+
+
+def move_except_experts(model: nn.Module, device) -> None:
+    """Move every parameter and buffer to ``device`` except the fused expert stacks, which stay
+    where they are (on the CPU) until :func:`install` packs them onto the GPU."""
+    for module in model.modules():
+        if not is_fused_experts(module):
+            module._apply(lambda t: t.to(device), recurse=False)

@@ -82,7 +82,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> 
                         completion_only_loss=config.completion_only_loss, router_aux_loss_coef=aux)
     trainer = T.build_trainer(model, tokenizer, train_ds, eval_ds, args, peft_config=peft_config, callbacks=callbacks)
     if config.method == "qlora" and "experts" in model_groups(model_config):
-        factor_experts(trainer.model, quantize=config.quantize_experts)
+        factor_experts(trainer.model, quantize=config.quantize_experts, device=getattr(model, STAGED, None))
     total = parameter_count(model_config)  # the model as defined: 4-bit weights in memory count packed bytes
     trainable = log_trainable(trainer.model, targets, total)
     metrics = T.train(trainer, checkpoint)
@@ -130,26 +130,68 @@ def load_data(config: FinetuneConfig, tokenizer):
 
 
 def load_for_method(config: FinetuneConfig, model_dir: Path, model_config, prec, *, moe: bool):
-    quantization = None
+    quantization, staged = None, False
     if config.method == "qlora":
         quantization = T.bnb_4bit_config(quantization_skip_modules(model_config), compute_dtype=prec.dtype)
         if moe:
             sizes = expert_memory(model_config)
+            staged = config.quantize_experts and not experts_fit_gpu(sizes.get("experts", 0))
             experts = (f"the fused experts ({sizes.get('experts', 0) / 2**30:.2f} GiB in bf16) are loaded in bf16 and "
                        + ("then packed to NF4 by moekit (about a quarter of that)" if config.quantize_experts else
                           "stay bf16 (--no-quantize-experts)"))
             logger.info(f"QLoRA: bitsandbytes 4-bit quantizes nn.Linear layers (attention, shared expert, dense "
                         f"MLPs); {experts}; routers ({sizes.get('router', 0) / 2**20:.1f} MiB) stay bf16")
     logger.info(f"loading {config.model} ({prec.dtype} weights, bf16 autocast {'on' if prec.bf16 else 'off'})")
-    return T.load_model(model_dir, dtype=prec.dtype, moe=moe, experts_implementation=config.experts_implementation,
-                        quantization_config=quantization, revision=config.revision)
+    load = dict(dtype=prec.dtype, moe=moe, experts_implementation=config.experts_implementation,
+                quantization_config=quantization, revision=config.revision)
+    if not staged:
+        return T.load_model(model_dir, **load)
+    return load_staged(model_dir, load, staging_device())
 
 
-def factor_experts(model, *, quantize: bool) -> None:
-    """QLoRA on an MoE: LoRA on experts computed per expert (no ΔW stacks), experts optionally NF4."""
+STAGED = "moekit_staged_on"  # attribute of a model whose experts wait on the CPU to be packed onto this device
+
+
+def experts_fit_gpu(expert_bytes: int) -> bool:
+    """Whether the bf16 experts can be loaded onto this process's GPU before being packed:
+    they may take at most half of its free memory (the rest is the model and the packing)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(staging_device())
+    return expert_bytes <= free // 2
+
+
+def staging_device():
+    import torch
+
+    from moekit.train.launch import process_state
+
+    return torch.device("cuda", process_state().local_process_index)
+
+
+def load_staged(model_dir: Path, load: dict, device):
+    """QLoRA for experts larger than the GPU: load on the CPU (bitsandbytes quantizes the linear
+    layers there), move everything but the bf16 experts to ``device``; :func:`factor_experts`
+    then packs the experts onto ``device`` one at a time."""
+    from moekit.finetune.expert_lora import move_except_experts
+
+    logger.info(f"QLoRA: the bf16 experts do not fit on {device} before packing — loading the model into CPU "
+                f"memory first (it needs the model's bf16 size in RAM), then packing each expert onto {device}")
+    model = T.load_model(model_dir, **load, device_map={"": "cpu"})
+    move_except_experts(model, device)
+    model.hf_device_map = {"": device.index if device.type == "cuda" else device.type}
+    setattr(model, STAGED, device)
+    return model
+
+
+def factor_experts(model, *, quantize: bool, device=None) -> None:
+    """QLoRA on an MoE: LoRA on experts computed per expert (no ΔW stacks), experts optionally NF4;
+    ``device``: experts staged on the CPU are packed onto it, and their LoRA factors follow."""
     from moekit.finetune.expert_lora import install
 
-    counts = install(model, quantize=quantize)
+    counts = install(model, quantize=quantize, device=device)
+    if device is not None:
+        model.to(device)  # the expert LoRA factors, made next to the CPU experts
     logger.info(f"experts: factored LoRA forward on {counts['wrapped']} LoRA-wrapped layers"
                 + (f"; {counts['quantized']} layers packed to NF4, {counts['freed'] / 2**30:.2f} GiB freed"
                    if quantize else "; expert weights kept in bf16"))

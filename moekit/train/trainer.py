@@ -75,10 +75,11 @@ def precision(options: TrainingOptions, *, adapters: bool, quantized: bool = Fal
 
 
 def load_model(model_dir: Path, *, dtype: str, moe: bool, experts_implementation: str | None = None,
-               quantization_config=None, revision: str | None = None):
+               quantization_config=None, revision: str | None = None, device_map=None):
     """``AutoModelForCausalLM`` with stock code only; MoE models use fused experts (``grouped_mm``).
 
-    ``quantization_config`` (a ``BitsAndBytesConfig``) places the model on this process's GPU.
+    ``quantization_config`` (a ``BitsAndBytesConfig``) places the model on this process's GPU,
+    unless ``device_map`` says otherwise.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -90,7 +91,7 @@ def load_model(model_dir: Path, *, dtype: str, moe: bool, experts_implementation
         from moekit.train.launch import process_state
 
         kw["quantization_config"] = quantization_config
-        kw["device_map"] = {"": process_state().local_process_index}
+        kw["device_map"] = device_map or {"": process_state().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
     if moe:
         impl = getattr(model.config, "_experts_implementation", None) or kw["experts_implementation"]
