@@ -459,6 +459,29 @@ def test_cards_name_base_model_and_relation():
             check_card(readme, library)  # `moekit push` accepts what finetune writes
 
 
+def test_qlora_card_says_where_the_experts_are():
+    from moekit.finetune.card import finetune_card
+
+    info = {"format": "messages", "examples": 10, "trainable": {"attention": 100}, "total_params": 1000}
+    row = lambda cfg, moe: next(l for l in finetune_card(cfg, kind="adapter", info={**info, "moe": moe},
+                                                         recipe="", model_dir=".").splitlines() if "base in 4-bit" in l)
+    packed = FinetuneConfig("org/moe", "o", data="d", method="qlora", target="attention")
+    bf16 = FinetuneConfig("org/moe", "o", data="d", method="qlora", target="attention", quantize_experts=False)
+    assert "fused experts packed to NF4" in row(packed, True)
+    assert "fused experts and routers in bf16" in row(bf16, True)
+    assert "experts" not in row(packed, False)  # a dense LLaMA has none
+
+
+def test_packed_experts_are_refused_under_fsdp_and_deepspeed(monkeypatch):
+    from moekit.finetune.run import check_packed_experts_parallelism
+
+    check_packed_experts_parallelism(FinetuneConfig("m", "o", data="d", method="qlora"))  # one GPU / DDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="not FSDP — use --accelerate-config ddp, or --no-quantize-experts"):
+        check_packed_experts_parallelism(FinetuneConfig("m", "o", data="d", method="qlora"))
+    check_packed_experts_parallelism(FinetuneConfig("m", "o", data="d", method="qlora", quantize_experts=False))
+
+
 def test_accelerate_relaunch_runs_the_resolved_recipe(monkeypatch):
     import accelerate.commands.launch as launch_mod
 

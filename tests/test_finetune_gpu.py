@@ -63,7 +63,7 @@ def test_qlora_4bit_linear_and_experts(setup, tmp_path, caplog, quantize_experts
     with caplog.at_level(logging.INFO, logger="moekit"):
         res = finetune(config(setup, out, method="qlora", merge=True, quantize_experts=quantize_experts),
                        progress=False)
-    assert "factored LoRA forward on 2 LoRA-wrapped layers" in caplog.text
+    assert "per-expert loop (factored LoRA) on 2 LoRA-wrapped layers" in caplog.text
     model = res.trainer.model.get_base_model()
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj.base_layer, bnb.nn.Linear4bit)

@@ -303,6 +303,21 @@ def test_fast_bf16_scaling_is_bit_identical_to_torch(scale, special):
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
+@pytest.mark.parametrize("scale", [8.0, 0.25])
+@pytest.mark.parametrize("edge", [0, 1])  # 0: last exponent the exponent-add path takes, 1: one past it
+def test_bf16_scaling_at_the_ends_of_the_exponent_range(scale, edge):
+    import math
+
+    from moekit.upcycle.convert import _scale_bf16
+
+    shift = math.frexp(scale)[1] - 1
+    field = 254 - shift + edge if shift > 0 else 1 - shift - edge  # biased exponent at the boundary
+    x = (torch.randn(16, 8, generator=torch.Generator().manual_seed(1)) * 0.05).bfloat16()
+    x[0, 0], x[0, 1] = 2.0 ** (field - 127), -1.5 * 2.0 ** (field - 127)
+    got, want = _scale_bf16(x, scale), x.clone().mul_(scale)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 def test_push_to_hub_uploads_the_finished_output(tiny_llama, tmp_path, monkeypatch, capsys):
     from test_push import RecordingApi
 

@@ -26,7 +26,7 @@ def finetune_card(config, *, kind: str, info: dict, recipe: str, model_dir) -> s
     trainable = ", ".join(f"{g} {n:,}" for g, n in info["trainable"].items())
     rows = [
         ("base model", f"`{config.model}`"),
-        ("method", config.method + (f" (base in 4-bit NF4; {_experts_in(config)}; routers in bf16)"
+        ("method", config.method + (f" (base in 4-bit NF4{_experts_in(config, info)})"
                                     if config.method == "qlora" else "")),
         ("targets", ", ".join(config.target)),
         ("trainable parameters", f"{sum(info['trainable'].values()):,} of {info['total_params']:,} ({trainable})"),
@@ -88,6 +88,8 @@ def _fmt(x) -> str:
     return "?" if x is None else f"{x:.4f}"
 
 
-def _experts_in(config) -> str:
-    return ("fused experts packed to NF4, LoRA computed per expert" if config.quantize_experts
-            else "fused experts in bf16")
+def _experts_in(config, info: dict) -> str:
+    if not info.get("moe"):
+        return ""
+    return ("; fused experts packed to NF4, LoRA computed per expert; routers in bf16" if config.quantize_experts
+            else "; fused experts and routers in bf16")

@@ -127,9 +127,10 @@ def experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch
     """transformers' eager fused-experts forward, with per-expert LoRA and 4-bit weights allowed."""
     loras = loras or {}
     out = torch.zeros_like(hidden)
-    with torch.no_grad():
-        mask = F.one_hot(top_k_index, num_classes=experts.num_experts).permute(2, 1, 0)  # [E, k, T]
-        hit = (mask.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist()
+    E = experts.num_experts
+    with torch.no_grad():  # index E is transformers' expert-parallel "not here" sentinel: skipped
+        mask = F.one_hot(top_k_index, num_classes=E + 1).permute(2, 1, 0)  # [E + 1, k, T]
+        hit = (mask[:E].sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist()
     for e in hit:
         top_k_pos, token_idx = torch.where(mask[e])
         x = hidden[token_idx]
@@ -199,6 +200,12 @@ def quantize_experts(experts: nn.Module, device=None) -> int:
     return freed
 
 
+def _refuse_merge(self, *args, **kwargs):
+    raise ConfigError("these experts are packed to NF4 and cannot take a merged adapter — merge into the "
+                      "unquantized base instead: moekit finetune --merge, moekit merge BASE+ADAPTER, or "
+                      "PeftModel.from_pretrained(base, adapter).merge_and_unload()")
+
+
 def install(model: nn.Module, *, quantize: bool, device=None) -> dict[str, int]:
     """Route every fused-experts module of ``model`` (a ``PeftModel`` or plain) through
     :func:`experts_forward`; ``quantize`` also stores its expert weights in NF4 (packed on
@@ -226,6 +233,9 @@ def install(model: nn.Module, *, quantize: bool, device=None) -> dict[str, int]:
                 counts["quantized"] += 1
                 if id(module) not in wrapped_bases:
                     module.forward = types.MethodType(_base_forward, module)
+        for chain in chains:  # PEFT would add ΔW to a weight that no longer exists
+            for wrapper in chain:
+                wrapper.merge = types.MethodType(_refuse_merge, wrapper)
     if quantize and torch.cuda.is_available():
         torch.cuda.empty_cache()
     return counts

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moekit.errors import ConfigError, OutputExistsError
 from moekit.finetune.config import FinetuneConfig
-from moekit.finetune.targets import (Targets, expert_memory, model_groups, parameter_count, quantization_skip_modules,
+from moekit.finetune.targets import (Targets, expert_memory, model_groups, quantization_skip_modules,
                                      resolve_targets, select_parameters, trainable_by_group)
 from moekit.train import data as D
 from moekit.train import trainer as T
@@ -63,16 +63,19 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> 
     model_config = T.load_model_config(model_dir, "finetune needs a Mixtral, Qwen2-MoE or LLaMA checkpoint")
     targets = resolve_targets(model_config, config.target, config.method, config.lora_dropout)
     aux = router_aux_coef(config, targets, model_config)
+    moe = "experts" in model_groups(model_config)
     # the resolved choices go into the recipe and the card
-    config = dataclasses.replace(config, target=targets.groups, router_aux_loss_coef=aux)
+    config = dataclasses.replace(config, target=targets.groups, router_aux_loss_coef=aux,
+                                 quantize_experts=bool(config.quantize_experts and moe))
     if config.method == "qlora":
         T.require_4bit()
+        check_packed_experts_parallelism(config)
     tokenizer = T.load_tokenizer(model_dir, config.revision)
     fmt, train_ds, eval_ds = load_data(config, tokenizer)
 
     prec = T.precision(config, adapters=config.method != "full", quantized=config.method == "qlora")
     run, checkpoint = T.prepare_run(out, config)
-    model = load_for_method(config, model_dir, model_config, prec, moe="experts" in model_groups(model_config))
+    model = load_for_method(config, model_dir, model_config, prec, moe=moe)
     peft_config = None
     if config.method == "full":
         select_parameters(model, targets)
@@ -81,16 +84,16 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> 
     args = T.sft_config(config, run, prec=prec, progress=progress, evaluate=eval_ds is not None,
                         completion_only_loss=config.completion_only_loss, router_aux_loss_coef=aux)
     trainer = T.build_trainer(model, tokenizer, train_ds, eval_ds, args, peft_config=peft_config, callbacks=callbacks)
-    if config.method == "qlora" and "experts" in model_groups(model_config):
+    if config.method == "qlora" and moe:
         factor_experts(trainer.model, quantize=config.quantize_experts, device=getattr(model, STAGED, None))
-    total = parameter_count(model_config)  # the model as defined: 4-bit weights in memory count packed bytes
+    total = T.parameter_count(model_config)  # the model as defined: 4-bit weights in memory count packed bytes
     trainable = log_trainable(trainer.model, targets, total)
     metrics = T.train(trainer, checkpoint)
     final = T.save_final(trainer, run)
 
     history = trainer.state.log_history
     info = {"format": fmt, "examples": len(train_ds), "eval_examples": len(eval_ds) if eval_ds is not None else 0,
-            "trainable": trainable, "total_params": total,
+            "trainable": trainable, "total_params": total, "moe": moe,
             **loss_summary(history)}  # for the model card
     merged = out / MERGED_DIR if config.merge else None
     state = process_state()
@@ -115,6 +118,17 @@ def router_aux_coef(config: FinetuneConfig, targets: Targets, model_config) -> f
                               "add router to --target or drop --aux-loss-coef (the router is frozen by default)")
         return 0.0 if hasattr(model_config, "router_aux_loss_coef") else None  # dense: TRL refuses any value
     return float(model_config.router_aux_loss_coef if coef is None else coef)
+
+
+def check_packed_experts_parallelism(config: FinetuneConfig) -> None:
+    """NF4-packed experts live outside the parameters FSDP and DeepSpeed shard: DDP (or one GPU) only."""
+    import os
+
+    sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+               if os.environ.get(var, "").lower() in ("1", "true")]
+    if config.quantize_experts and sharded:
+        raise ConfigError(f"qlora with experts packed to NF4 runs on one GPU or under DDP, not {sharded[0]} — use "
+                          "--accelerate-config ddp, or --no-quantize-experts to keep the experts in bf16")
 
 
 def load_data(config: FinetuneConfig, tokenizer):
@@ -192,9 +206,10 @@ def factor_experts(model, *, quantize: bool, device=None) -> None:
     counts = install(model, quantize=quantize, device=device)
     if device is not None:
         model.to(device)  # the expert LoRA factors, made next to the CPU experts
-    logger.info(f"experts: factored LoRA forward on {counts['wrapped']} LoRA-wrapped layers"
-                + (f"; {counts['quantized']} layers packed to NF4, {counts['freed'] / 2**30:.2f} GiB freed"
-                   if quantize else "; expert weights kept in bf16"))
+    logger.info(f"experts: moekit's per-expert loop (factored LoRA) on {counts['wrapped']} LoRA-wrapped layers"
+                + (f"; {counts['quantized']} layers packed to NF4 ({counts['freed'] / 2**30:.2f} GiB freed), "
+                   "so they run that loop too, not transformers' kernel" if quantize else
+                   "; expert weights kept in bf16"))
 
 
 def log_trainable(model, targets: Targets, total: int) -> dict[str, int]:

@@ -200,25 +200,14 @@ def quantization_skip_modules(model_config) -> list[str]:
     return ["lm_head", *ROUTER.whole, *QWEN2_SHARED.whole]
 
 
-def _meta_model(model_config):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
-
-
-def parameter_count(model_config) -> int:
-    """Parameters of the model as defined (a 4-bit model in memory counts packed bytes instead)."""
-    return sum(p.numel() for p in _meta_model(model_config).parameters())
-
-
 def expert_memory(model_config) -> dict[str, int]:
     """Bytes in bf16 of the fused experts and routers (what 4-bit loading leaves unquantized)."""
     groups = model_groups(model_config)
     targets = Targets({g: groups[g] for g in ("experts", "router") if g in groups})
     sizes = dict.fromkeys(targets.groups, 0)
-    for name, p in _meta_model(model_config).named_parameters():
+    from moekit.train.trainer import meta_model
+
+    for name, p in meta_model(model_config).named_parameters():
         g = targets.group_of(name)
         if g:
             sizes[g] += p.numel() * 2

@@ -201,7 +201,7 @@ def prepare_data(config: PretrainConfig, tokenizer) -> PretrainData:
 
     sources = [parse_source(s, "data") for s in config.data]
     weights = config.weights or [1.0] * len(sources)
-    with process_state().main_process_first():  # rank 0 tokenises, the others read its cache
+    with process_state().local_main_process_first():  # one process per machine tokenises, the others read its cache
         parts, held, infos = [], [], []
         for source, weight in zip(sources, weights):
             train, heldout, info = source_blocks(source, tokenizer, config, holdout=not config.eval_data)

@@ -74,10 +74,8 @@ class Plan:
 
 
 def plan_run(config: PretrainConfig) -> Plan:
-    from moekit.train.launch import process_state
-
     from moekit.io import resolve_model_dir
-    from moekit.train.launch import launched
+    from moekit.train.launch import launched, process_state
 
     T.require_train_extra(config.report_to)
     if config.accelerate_config and not launched():
@@ -142,7 +140,7 @@ def finish(plan: Plan, trainer, run: Path, final: Path, metrics: dict) -> Pretra
     config, history = plan.config, trainer.state.log_history
     tokens = trainer.state.global_step * plan.tokens_per_step
     info = {"tokens": tokens, "tokens_per_step": plan.tokens_per_step, "trainable": trainer.moekit_trainable,
-            "moe": plan.moe, "total_params": sum(p.numel() for p in trainer.model.parameters()),
+            "moe": plan.moe, "total_params": T.parameter_count(plan.model_config),
             "sources": plan.data.sources, "eval_blocks": plan.data.eval_blocks, "final_eval": final_eval(history),
             **loss_summary(history)}
     state = process_state()

@@ -219,6 +219,8 @@ def sft_config(options: TrainingOptions, run: Path, *, prec: Precision, progress
         disable_tqdm=not progress,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # CPU workers under torchrun: DDP over gloo
+        # every buffer is identical on every rank (rotary tables; NF4-packed experts, GiBs): never re-send them
+        ddp_broadcast_buffers=False,
     )
     kwargs.update(overrides or {})
     kwargs.update(o.trainer_args)  # recipe pass-through (validated against SFTConfig, never a managed key)
@@ -302,6 +304,21 @@ def save_final(trainer, run: Path) -> Path:
         (final / "README.md").unlink(missing_ok=True)  # PEFT's template card; the command writes its own
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def meta_model(model_config):
+    """The model's modules with no memory behind them (shapes and names only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def parameter_count(model_config) -> int:
+    """Parameters of the model as defined: a model in memory may be 4-bit (packed bytes count) or
+    sharded across processes (FSDP, ZeRO-3), so its live parameters undercount."""
+    return sum(p.numel() for p in meta_model(model_config).parameters())
 
 
 def load_model_config(model_dir: Path, needs: str):
