@@ -95,6 +95,26 @@ def test_factored_forward_under_bf16_autocast_matches_peft():
     assert max(rel(grads[n], ref_grads[n]) for n in grads) < 0.05
 
 
+def test_merged_adapter_on_bf16_experts_is_not_applied_twice():
+    model, plain = peft_moe("mixtral")
+    EL.install(model, quantize=False)
+    with torch.no_grad():
+        unmerged = model(input_ids=IDS).logits
+        model.merge_adapter()  # PEFT folds ΔW into the expert weights; the factored forward must skip it
+        torch.testing.assert_close(model(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
+        with model.disable_adapter():  # unmerges on the way, like PEFT's own forward
+            torch.testing.assert_close(model(input_ids=IDS).logits, plain(input_ids=IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_two_active_adapters_are_refused_with_the_fix():
+    model, _ = peft_moe("mixtral")
+    model.add_adapter("second", resolve_targets(CONFIGS["mixtral"](), ["experts"], "lora").lora_config(4, 8, 0.0))
+    EL.install(model, quantize=False)
+    model.base_model.set_adapter(["default", "second"])
+    with pytest.raises(ConfigError, match="one active adapter at a time"):
+        model(input_ids=IDS)
+
+
 def test_merging_into_packed_experts_is_refused():
     bnb_or_skip()
     model, _ = peft_moe("mixtral")
