@@ -14,6 +14,10 @@ attention, experts (fused 3-D weights, via PEFT target_parameters), router
 (trained in full; frozen unless named), shared (Qwen2-MoE shared expert), mlp
 (dense FFN layers), or all.
 
+QLoRA (--method qlora, CUDA + bitsandbytes) loads the linear layers in 4-bit NF4
+and, unlike stock bitsandbytes, packs the fused experts to NF4 too, with LoRA on
+them computed per expert (--no-quantize-experts keeps them bf16).
+
 Data: JSONL / JSON / Parquet / CSV / text files or a Hub dataset with `messages`
 (loss on assistant turns), `prompt`+`completion` (loss on completions), Alpaca
 `instruction`/`input`/`output`, or `text`. OUT receives the PEFT adapter (or the
