@@ -87,7 +87,11 @@ def worker(contender: str, device: str, tokens: int) -> dict:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     holder, hidden, index, weights = build(contender, device, tokens)
     experts = holder.mlp.experts
-    weight_bytes = sum(t.numel() * t.element_size() for t in [*holder.parameters(), *holder.buffers()])
+    from moekit.finetune.expert_lora import Packed4bit
+
+    packed = [m for m in holder.modules() if isinstance(m, Packed4bit)]
+    weight_bytes = (sum(t.numel() * t.element_size() for t in holder.parameters())
+                    + sum(m.nbytes for m in packed))  # NF4 bytes and their statistics
     cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()

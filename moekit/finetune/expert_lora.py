@@ -71,6 +71,15 @@ class Packed4bit(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return torch.stack([self.weight(e) for e in range(self.shape[0])])
 
+    @property
+    def nbytes(self) -> int:
+        """Packed weights plus quantization statistics (absmax and its own double quantization)."""
+        size = lambda t: t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+        stats = sum(size(s.absmax) + size(getattr(s, "offset", None))
+                    + (size(s.state2.absmax) + size(s.state2.code) if getattr(s, "state2", None) else 0)
+                    for s in self.states)
+        return size(self.packed) + stats
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for state in self.states:  # bitsandbytes' QuantState moves in place, next to the packed bytes
@@ -194,7 +203,7 @@ def quantize_experts(experts: nn.Module, device=None) -> int:
             raise ConfigError("expert weights that train in full cannot be 4-bit — "
                               "train the experts with LoRA, or turn off quantize_experts")
         packed = Packed4bit(weight.data, device=device)
-        freed += weight.numel() * weight.element_size() - packed.packed.numel()
+        freed += weight.numel() * weight.element_size() - packed.nbytes
         del experts._parameters[name]
         setattr(experts, name, packed)
     return freed
