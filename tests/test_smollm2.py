@@ -47,7 +47,7 @@ def test_quickstart_end_to_end(smol_dense, tmp_path, capsys):
     work = tmp_path / "qs"
     work.mkdir()
     shutil.copytree(smol_dense, work / "dense")  # the GGUF conversion is tested by the fixture
-    assert main(["quickstart", "--workdir", str(work), "--eval-tokens", "1024"]) == 0
+    assert main(["quickstart", "--workdir", str(work), "--eval-tokens", "1024", "--train-tokens", "2048"]) == 0
     summary = json.loads((work / "quickstart.json").read_text())
     assert 5 < summary["perplexity"]["dense"] < 40  # SmolLM2-135M on English prose: ~17
     # 2 shared + top-2 of 6 routed, data-driven, no training: a few times the dense perplexity
@@ -55,5 +55,9 @@ def test_quickstart_end_to_end(smol_dense, tmp_path, capsys):
     assert summary["perplexity"]["moe"] < 8 * summary["perplexity"]["dense"]
     assert json.loads((work / "moe" / "config.json").read_text())["shared_expert_intermediate_size"] == 2 * 1536 // 8
     assert (work / "moe" / "model.safetensors").is_file() and (work / "moe" / "README.md").is_file()
+    # --train-tokens: two steps of moekit pretrain on the calibration text move the MoE towards the dense model
+    assert summary["train_tokens"] == 2048 and (work / "moe-trained" / "model.safetensors").is_file()
+    assert summary["perplexity"]["moe_trained"] < summary["perplexity"]["moe"]
     out = capsys.readouterr().out
+    assert "trained MoE" in out and "after 2,048 tokens" in out
     assert "AutoModelForCausalLM.from_pretrained" in out and "next:" in out
