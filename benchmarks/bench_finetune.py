@@ -23,8 +23,9 @@ part of this (no GPU needed) is ``benchmarks/bench_expert_lora.py``.
     python benchmarks/bench_finetune.py                 # full 7B shapes (about 15 GB of disk)
     python benchmarks/bench_finetune.py --small         # 1-layer smoke run
     python benchmarks/bench_finetune.py --only "moekit qlora"
+    python benchmarks/bench_finetune.py --smoke         # tiny shapes, CPU if no GPU: checks the script, measures nothing
 
-Exits 0 printing {"skipped": "no CUDA ..."} on a machine without a GPU.
+Without --smoke it exits 0 printing {"skipped": "no CUDA ..."} on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -42,27 +43,34 @@ SHAPES = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008 // 8, 
               num_attention_heads=32, num_key_value_heads=32, num_local_experts=8, num_experts_per_tok=2,
               max_position_embeddings=4096)
 SMALL = dict(SHAPES, num_hidden_layers=1)
+SMOKE = dict(vocab_size=512, hidden_size=256, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
 CONTENDERS = [(path, method, targets) for targets in ("attention", "attention,experts")
               for path, method in (("stock", "qlora"), ("moekit", "qlora"), ("moekit", "qlora-bf16-experts"),
                                    ("moekit", "lora"))]
 
 
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def make_checkpoint(folder: Path, shapes: dict) -> None:
-    """Random bf16 Mixtral weights, initialised on the GPU, plus a 32k-token word-level tokenizer."""
+    """Random bf16 Mixtral weights, initialised on the GPU, plus a word-level tokenizer."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, MixtralConfig, PreTrainedTokenizerFast
 
     cfg = MixtralConfig(**shapes, bos_token_id=1, eos_token_id=2, pad_token_id=0, architectures=["MixtralForCausalLM"])
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device()):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     with torch.no_grad():  # a random router, so routing varies between tokens
         for layer in model.model.layers:
             layer.mlp.gate.weight.normal_(0, 0.02)
     model.save_pretrained(folder)
     del model
-    torch.cuda.empty_cache()
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, shapes["vocab_size"])}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -79,7 +87,7 @@ def stock_qlora(model_dir: Path):
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
+                                                 device_map={"": 0 if device() == "cuda" else "cpu"})
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -99,15 +107,20 @@ def worker(model_dir: Path, path: str, method: str, targets: str, steps: int, se
     cfg = AutoConfig.from_pretrained(model_dir)
     variant, method = method, method.split("-")[0]  # qlora-bf16-experts: qlora, experts left in bf16
     chosen = resolve_targets(cfg, targets.split(","), method)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device() == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    peak_gb = lambda: (torch.cuda.max_memory_allocated() if cuda else rss_peak_bytes()) / 1e9
     if path == "stock":
         model = stock_qlora(model_dir)
     else:
         quant = T.bnb_4bit_config(quantization_skip_modules(cfg)) if method == "qlora" else None
-        model = T.load_model(model_dir, dtype="bfloat16", moe=True, quantization_config=quant)
+        model = T.load_model(model_dir, dtype="bfloat16", moe=True, quantization_config=quant,
+                             device_map=None if cuda else {"": "cpu"})
         if quant is None:
-            model.to("cuda")
-    load_gb = torch.cuda.max_memory_allocated() / 1e9
+            model.to(device())
+    load_gb = peak_gb()
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, cfg.vocab_size, (steps, seq), generator=g).tolist()
@@ -123,7 +136,7 @@ def worker(model_dir: Path, path: str, method: str, targets: str, steps: int, se
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **kw):
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter())
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -132,20 +145,26 @@ def worker(model_dir: Path, path: str, method: str, targets: str, steps: int, se
     if path == "moekit" and method == "qlora":  # what moekit.finetune does after building the trainer
         factor_experts(trainer.model, quantize=variant == "qlora")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    torch.cuda.synchronize()
+    sync()
     T.train(trainer)
     timed = times[2:] if len(times) > 3 else times  # two warm-up steps
     step_s = (timed[-1] - timed[0]) / max(len(timed) - 1, 1)
     return {
         "path": path, "method": variant, "targets": targets,
-        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
-        "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
+        "peak_allocated_gb": round(peak_gb(), 2),  # CPU (--smoke): the process's peak RSS
+        "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2) if cuda else None,
         "after_load_gb": round(load_gb, 2),
         "trainable_params": trainable,
         "step_s": round(step_s, 3),
         "tokens_per_s": round(seq / step_s, 1),
         "losses": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e],
     }
+
+
+def rss_peak_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(model_dir: Path, contender: tuple, steps: int, seq: int, timeout: int) -> dict:
@@ -167,7 +186,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per contender (first two are warm-up)")
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--small", action="store_true", help="1 layer: a quick smoke run of this script")
+    p.add_argument("--small", action="store_true", help="1 layer of the 7B shapes: a quick GPU run of this script")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes, 3 steps of 64 tokens, on the CPU without a GPU: checks the script runs")
     p.add_argument("--only", action="append", help='run only "PATH METHOD" contenders, e.g. "moekit qlora"')
     p.add_argument("--workdir", help="where the synthetic checkpoint is written (default: a temp folder)")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per contender")
@@ -180,7 +201,9 @@ def main() -> int:
 
     import torch
 
-    if not torch.cuda.is_available():
+    if a.smoke:
+        a.steps, a.seq = 3, 64
+    elif not torch.cuda.is_available():
         print(json.dumps({"benchmark": "finetune", "skipped": "no CUDA device: this benchmark measures GPU memory"}))
         return 0
     import importlib.util
@@ -188,7 +211,7 @@ def main() -> int:
     if importlib.util.find_spec("bitsandbytes") is None:
         print(json.dumps({"benchmark": "finetune", "skipped": "bitsandbytes is not installed (pip install bitsandbytes)"}))
         return 0
-    shapes = SMALL if a.small else SHAPES
+    shapes = SMOKE if a.smoke else SMALL if a.small else SHAPES
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-finetune-"))
     model_dir = work / "moe-7b-shaped-8x"
     t0 = time.perf_counter()
@@ -208,7 +231,8 @@ def main() -> int:
     except ImportError:
         pass
     print(json.dumps({
-        "benchmark": "finetune", "device": torch.cuda.get_device_name(0), "versions": versions,
+        "benchmark": "finetune" + (" (smoke: nothing measured)" if a.smoke else ""),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "versions": versions,
         "model": {"format": "mixtral", **shapes, "weights": "synthetic bf16"},
         "seq": a.seq, "batch": 1, "steps": a.steps, "gradient_checkpointing": True, "lora_r": 16,
         "checkpoint_build_s": round(build_s, 1),

@@ -9,6 +9,9 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +38,22 @@ def test_benchmark_imports_resolve_and_help_runs(path):
         assert found, f"{path.name}: from {module} import {name}"
     proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-500:]
+
+
+def test_finetune_benchmark_runs_end_to_end_in_smoke_mode(tmp_path):
+    """The GPU benchmark's whole flow (checkpoint, QLoRA load, PEFT, moekit's NF4 experts, training) on
+    tiny shapes on the CPU, so a GPU session does not spend its minutes finding a broken script."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("trl")
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_finetune.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--only", "moekit qlora", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["benchmark"].startswith("finetune (smoke")
+    results = report["results"]
+    assert [r["targets"] for r in results] == ["attention", "attention,experts"]
+    for r in results:
+        assert "error" not in r, r
+        assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
+    assert results[1]["trainable_params"] > results[0]["trainable_params"]  # expert LoRA came on top
