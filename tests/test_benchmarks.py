@@ -57,3 +57,17 @@ def test_finetune_benchmark_runs_end_to_end_in_smoke_mode(tmp_path):
         assert "error" not in r, r
         assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
     assert results[1]["trainable_params"] > results[0]["trainable_params"]  # expert LoRA came on top
+
+
+def test_throughput_benchmark_runs_end_to_end_in_smoke_mode():
+    """Every case of the GPU throughput benchmark, moekit.pretrain's included, on tiny shapes on the CPU."""
+    pytest.importorskip("trl")
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_pretrain_throughput.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)["results"]
+    assert set(results) == {"dense", "moe8_top2_grouped", "moe8_top2_eager", "moe16_top4_grouped", "moe8_top2_moekit"}
+    assert all(r.get("tokens_per_s", 0) > 0 and "error" not in r for r in results.values()), results
+    # the same weights give the same first loss whichever expert kernel runs
+    assert results["moe8_top2_grouped"]["first_loss"] == pytest.approx(results["moe8_top2_eager"]["first_loss"], abs=1e-2)
