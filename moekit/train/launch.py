@@ -32,17 +32,23 @@ def accelerate_config_path(name: str) -> Path:
                       "pick one of those names or pass the path of an `accelerate config` YAML")
 
 
+def cpu_only() -> bool:
+    """No CUDA and no Apple GPU: training runs on the CPU (several processes: DDP over gloo)."""
+    import torch
+
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
 def process_state():
     """accelerate's ``PartialState`` for this process, created the same way everywhere.
 
-    It is a singleton: the first construction decides. Without CUDA it must be told
-    ``cpu=True``, or workers started by ``torchrun`` each believe they are alone
-    (and the Trainer then skips DDP).
+    It is a singleton: the first construction decides. On a CPU-only machine it must be told
+    ``cpu=True``, or workers started by ``torchrun`` each believe they are alone (and the
+    Trainer then skips DDP).
     """
-    import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=cpu_only())
 
 
 def launched() -> bool:

@@ -180,6 +180,8 @@ def sft_config(options: TrainingOptions, run: Path, *, prec: Precision, progress
     import torch
     from trl import SFTConfig
 
+    from moekit.train.launch import cpu_only
+
     o = options
     checkpointing = bool(o.gradient_checkpointing)
     kwargs = dict(
@@ -218,7 +220,7 @@ def sft_config(options: TrainingOptions, run: Path, *, prec: Precision, progress
         report_to=o.report_to,
         disable_tqdm=not progress,
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # CPU workers under torchrun: DDP over gloo
+        use_cpu=cpu_only(),  # CPU workers under torchrun: DDP over gloo
         # every buffer is identical on every rank (rotary tables; NF4-packed experts, GiBs): never re-send them
         ddp_broadcast_buffers=False,
     )
