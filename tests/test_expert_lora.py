@@ -119,8 +119,21 @@ def test_merging_into_packed_experts_is_refused():
     bnb_or_skip()
     model, _ = peft_moe("mixtral")
     EL.install(model, quantize=True)
-    with pytest.raises(ConfigError, match="merge into the unquantized base"):
+    with pytest.raises(ConfigError, match="merge it into the unquantized base"):
         model.merge_and_unload()
+    with pytest.raises(ConfigError, match="cannot be merged or saved whole"):
+        model.get_base_model().save_pretrained("anywhere")
+
+
+def test_attention_only_adapter_over_packed_experts_cannot_be_merged_either(tmp_path):
+    """Experts packed but not LoRA-wrapped: a merge would still drop them from the saved model."""
+    bnb_or_skip()
+    model, _ = peft_moe("mixtral", ("attention",))
+    EL.install(model, quantize=True)
+    with pytest.raises(ConfigError, match="cannot be merged or saved whole"):
+        model.merge_and_unload()
+    model.save_pretrained(tmp_path / "adapter")  # the adapter itself saves as always
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_disabled_adapter_gives_the_base_model():

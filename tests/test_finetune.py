@@ -480,6 +480,13 @@ def test_packed_experts_are_refused_under_fsdp_and_deepspeed(monkeypatch):
     with pytest.raises(ConfigError, match="not FSDP — use --accelerate-config ddp, or --no-quantize-experts"):
         check_packed_experts_parallelism(FinetuneConfig("m", "o", data="d", method="qlora"))
     check_packed_experts_parallelism(FinetuneConfig("m", "o", data="d", method="qlora", quantize_experts=False))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(ConfigError, match="not DeepSpeed"):  # the launching process reads the accelerate YAML
+        check_packed_experts_parallelism(FinetuneConfig("m", "o", data="d", method="qlora", accelerate_config="zero3"))
+    with pytest.raises(ConfigError, match="not FSDP"):
+        check_packed_experts_parallelism(FinetuneConfig("m", "o", data="d", method="qlora",
+                                                        trainer_args={"fsdp": "full_shard"}))
+    check_packed_experts_parallelism(FinetuneConfig("m", "o", data="d", method="qlora", accelerate_config="ddp"))
 
 
 def test_accelerate_relaunch_runs_the_resolved_recipe(monkeypatch):

@@ -98,6 +98,10 @@ def test_qlora_experts_staged_on_the_cpu_train_like_the_direct_load(setup, tmp_p
     model = staged.trainer.model
     assert {p.device.type for p in model.parameters()} == {"cuda"}
     assert {b.device.type for b in model.buffers()} == {"cuda"}
+    from moekit.finetune.expert_lora import Packed4bit
+
+    packed = [m for m in model.modules() if isinstance(m, Packed4bit)]
+    assert packed and all(s.absmax.is_cuda and s.state2.absmax.is_cuda for m in packed for s in m.states)
     losses = lambda r: [e["loss"] for e in r.trainer.state.log_history if "loss" in e]
     assert losses(staged) == pytest.approx(losses(direct), abs=2e-2)
 

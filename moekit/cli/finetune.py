@@ -94,6 +94,9 @@ def run(args) -> int:
 
     config = build_config(FinetuneConfig, args.config, "finetune", **{k: getattr(args, k) for k in FIELDS})
     if config.accelerate_config and not launched():
+        from moekit.finetune.run import check_packed_experts_parallelism
+
+        check_packed_experts_parallelism(config)  # before starting workers that would all refuse
         return relaunch(config, "finetune")
     enable_cli_logging()
     from moekit.finetune import finetune

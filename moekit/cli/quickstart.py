@@ -34,10 +34,6 @@ def register(sub) -> None:
 def run(args) -> int:
     from moekit.quickstart import format_summary, quickstart
 
-    if args.train_tokens < 0:
-        from moekit.errors import ConfigError
-
-        raise ConfigError(f"--train-tokens {args.train_tokens} must be 0 (skip) or a positive number of tokens")
     print(format_summary(quickstart(args.workdir, args.num_experts, args.top_k, args.shared_experts, args.eval_tokens,
                                     train_tokens=args.train_tokens)))
     return 0

@@ -210,9 +210,9 @@ def quantize_experts(experts: nn.Module, device=None) -> int:
 
 
 def _refuse_merge(self, *args, **kwargs):
-    raise ConfigError("these experts are packed to NF4 and cannot take a merged adapter — merge into the "
-                      "unquantized base instead: moekit finetune --merge, moekit merge BASE+ADAPTER, or "
-                      "PeftModel.from_pretrained(base, adapter).merge_and_unload()")
+    raise ConfigError("this model's experts are packed to NF4: it cannot be merged or saved whole — save the "
+                      "adapter (PeftModel.save_pretrained) and merge it into the unquantized base: moekit finetune "
+                      "--merge, moekit merge BASE+ADAPTER, or PeftModel.from_pretrained(base, adapter).merge_and_unload()")
 
 
 def install(model: nn.Module, *, quantize: bool, device=None) -> dict[str, int]:
@@ -245,6 +245,14 @@ def install(model: nn.Module, *, quantize: bool, device=None) -> dict[str, int]:
         for chain in chains:  # PEFT would add ΔW to a weight that no longer exists
             for wrapper in chain:
                 wrapper.merge = types.MethodType(_refuse_merge, wrapper)
+        # nor may the model be merged or saved whole: the packed experts are not in its state dict
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for obj, names in ((model, ("merge_and_unload", "merge_adapter")),
+                           (getattr(model, "base_model", None), ("merge_and_unload", "merge_adapter")),
+                           (base, ("save_pretrained",))):
+            for name in names:
+                if obj is not None and hasattr(obj, name):
+                    setattr(obj, name, types.MethodType(_refuse_merge, obj))
     if quantize and torch.cuda.is_available():
         torch.cuda.empty_cache()
     return counts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,12 +122,21 @@ def router_aux_coef(config: FinetuneConfig, targets: Targets, model_config) -> f
 
 
 def check_packed_experts_parallelism(config: FinetuneConfig) -> None:
-    """NF4-packed experts live outside the parameters FSDP and DeepSpeed shard: DDP (or one GPU) only."""
-    import os
-
+    """NF4-packed experts live outside the parameters FSDP and DeepSpeed shard: DDP (or one GPU) only.
+    Checked in the launching process (the accelerate YAML) and in each worker (its environment)."""
+    if config.method != "qlora" or config.quantize_experts is False:
+        return
     sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                if os.environ.get(var, "").lower() in ("1", "true")]
-    if config.quantize_experts and sharded:
+    sharded += [name for name, key in (("FSDP", "fsdp"), ("DeepSpeed", "deepspeed")) if config.trainer_args.get(key)]
+    if config.accelerate_config:
+        import yaml
+
+        from moekit.train.launch import accelerate_config_path
+
+        kind = (yaml.safe_load(accelerate_config_path(config.accelerate_config).read_text()) or {}).get("distributed_type")
+        sharded += {"FSDP": ["FSDP"], "DEEPSPEED": ["DeepSpeed"]}.get(kind, [])
+    if sharded:
         raise ConfigError(f"qlora with experts packed to NF4 runs on one GPU or under DDP, not {sharded[0]} — use "
                           "--accelerate-config ddp, or --no-quantize-experts to keep the experts in bf16")
 
@@ -150,6 +160,8 @@ def load_for_method(config: FinetuneConfig, model_dir: Path, model_config, prec,
         if moe:
             sizes = expert_memory(model_config)
             staged = config.quantize_experts and not experts_fit_gpu(sizes.get("experts", 0))
+            if staged:
+                check_staging_memory(T.parameter_count(model_config) * 2)
             experts = (f"the fused experts ({sizes.get('experts', 0) / 2**30:.2f} GiB in bf16) are loaded in bf16 and "
                        + ("then packed to NF4 by moekit (about a quarter of that)" if config.quantize_experts else
                           "stay bf16 (--no-quantize-experts)"))
@@ -175,6 +187,18 @@ def experts_fit_gpu(expert_bytes: int) -> bool:
     return expert_bytes <= free // 2
 
 
+def check_staging_memory(model_bytes: int) -> None:
+    """Staging loads the whole bf16 model into CPU memory in every process of this machine."""
+    import psutil
+
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    need, free = procs * model_bytes * 1.1, psutil.virtual_memory().available
+    if need > free:
+        raise ConfigError(f"the experts do not fit on the GPU before packing, and staging them in CPU memory needs "
+                          f"about {need / 2**30:.0f} GiB ({procs} process(es) x {model_bytes / 2**30:.0f} GiB in bf16) "
+                          f"with {free / 2**30:.0f} GiB free — use fewer processes per machine or a larger GPU")
+
+
 def staging_device():
     import torch
 
@@ -190,7 +214,7 @@ def load_staged(model_dir: Path, load: dict, device):
     from moekit.finetune.expert_lora import move_except_experts
 
     logger.info(f"QLoRA: the bf16 experts do not fit on {device} before packing — loading the model into CPU "
-                f"memory first (it needs the model's bf16 size in RAM), then packing each expert onto {device}")
+                f"memory first (the model's bf16 size in RAM, per process), then packing each expert onto {device}")
     model = T.load_model(model_dir, **load, device_map={"": "cpu"})
     move_except_experts(model, device)
     model.hf_device_map = {"": device.index if device.type == "cuda" else device.type}

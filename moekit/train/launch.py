@@ -33,10 +33,13 @@ def accelerate_config_path(name: str) -> Path:
 
 
 def cpu_only() -> bool:
-    """No CUDA and no Apple GPU: training runs on the CPU (several processes: DDP over gloo)."""
+    """Training runs on the CPU: no CUDA, and no Apple GPU either — or several processes, which
+    an Apple GPU cannot share (they then run DDP over gloo on the CPU)."""
     import torch
 
-    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    if torch.cuda.is_available():
+        return False
+    return not torch.backends.mps.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def process_state():
