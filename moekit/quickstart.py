@@ -124,7 +124,9 @@ def format_summary(s: dict) -> str:
     ppl = s["perplexity"]
     ratio = lambda name: f"({ppl[name] / ppl['dense']:.2f}x dense)"
     trained = ([f"trained MoE  {s['moe_trained']}   perplexity {ppl['moe_trained']:.2f}  {ratio('moe_trained')} "
-                f"after {s['train_tokens']:,} tokens"] if "moe_trained" in ppl else [])
+                f"after {s['train_tokens']:,} tokens",
+                "             (the dense model is untrained: part of the gain is adaptation to the built-in text)"]
+               if "moe_trained" in ppl else [])
     return "\n".join([
         "",
         f"dense model  {s['dense']}   perplexity {ppl['dense']:.2f}",
