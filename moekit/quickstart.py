@@ -131,9 +131,9 @@ def format_summary(s: dict) -> str:
         "",
         f"dense model  {s['dense']}   perplexity {ppl['dense']:.2f}",
         f"MoE model    {s['moe']}   perplexity {ppl['moe']:.2f}  {ratio('moe')}",
-        *trained,
         f"             {s['num_experts']} slices: {s['shared_experts']} shared, top-{s['top_k']} of the rest; "
         f"method={s['method']}, router={s['router']}",
+        *trained,
         f"done in {s['seconds']} s; summary in {Path(s['moe']).parent / 'quickstart.json'}",
         "",
         "The MoE loads with stock transformers:",
