@@ -119,11 +119,11 @@ def compare(results: list[dict], files: dict[str, str]) -> None:
     """‖Δ‖ / ‖ref‖ of output and LoRA gradients against ``peft bf16`` (same seed and weights)."""
     import torch
 
-    ref = torch.load(files["peft bf16"])
+    ref = torch.load(files["peft bf16"], weights_only=True)
     rel = lambda a, b: round(((a - b).norm() / b.norm()).item(), 5)
     for r in results:
         if r["contender"] in files and "error" not in r:
-            got = torch.load(files[r["contender"]])
+            got = torch.load(files[r["contender"]], weights_only=True)
             r["rel_diff_out_vs_peft_bf16"] = rel(got["out"], ref["out"])
             r["rel_diff_lora_grads_vs_peft_bf16"] = max(rel(got["grads"][n], g) for n, g in ref["grads"].items())
 

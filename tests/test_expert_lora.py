@@ -176,30 +176,40 @@ def test_nf4_experts_equal_peft_on_their_dequantized_weights(target):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4)
 
 
-def sft_run(model_dir, run, *, factored: bool, steps: int = 8, resume: str | None = None):
-    """TRL SFTTrainer + PEFT LoRA on attention and experts; ``factored``: experts NF4 and factored."""
+def lora_trainer(model, model_dir, run, *, steps: int, examples: int, save_steps: int = 500):
+    """TRL SFTTrainer + PEFT LoRA on attention and experts over ``model``, on a repeated sentence."""
     import datasets
 
     from moekit.train import trainer as T
     from moekit.train.options import TrainingOptions
 
-    tokenizer = T.load_tokenizer(model_dir)
-    model = T.load_model(model_dir, dtype="float32", moe=True)
-    targets = resolve_targets(model.config, ["attention", "experts"], "qlora")
-    text = ["the cat sat on the red hat " * 3] * 16
     options = TrainingOptions(max_length=48, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                               max_steps=steps, learning_rate=1e-2, warmup_steps=0, lr_scheduler_type="constant",
-                              logging_steps=1, save_steps=2, report_to=["none"], seed=0)
+                              logging_steps=1, save_steps=save_steps, report_to=["none"], seed=0)
     args = T.sft_config(options, run, prec=T.precision(options, adapters=True), progress=False, evaluate=False,
                         router_aux_loss_coef=0.0)
-    trainer = T.build_trainer(model, tokenizer, datasets.Dataset.from_dict({"text": text}), None, args,
-                              peft_config=targets.lora_config(4, 8, 0.0))
+    data = datasets.Dataset.from_dict({"text": ["the cat sat on the red hat " * 3] * examples})
+    targets = resolve_targets(model.config, ["attention", "experts"], "qlora")
+    return T.build_trainer(model, T.load_tokenizer(model_dir), data, None, args,
+                           peft_config=targets.lora_config(4, 8, 0.0))
+
+
+def losses_of(trainer) -> list[float]:
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def sft_run(model_dir, run, *, factored: bool, steps: int = 8, resume: str | None = None):
+    """LoRA on attention and experts; ``factored``: experts NF4 and factored."""
+    from moekit.train import trainer as T
+
+    trainer = lora_trainer(T.load_model(model_dir, dtype="float32", moe=True), model_dir, run, steps=steps,
+                           examples=16, save_steps=2)
     if factored:
         EL.install(trainer.model, quantize=True)
     before = {n: t.detach().clone() for n, t in [*trainer.model.named_parameters(), *trainer.model.named_buffers()]
               if ".experts." in n}
     T.train(trainer, resume)
-    return trainer, before, [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return trainer, before, losses_of(trainer)
 
 
 def test_sft_trainer_on_nf4_experts_learns_like_peft_and_the_adapter_reloads(models, tmp_path):
@@ -247,12 +257,9 @@ def test_resume_with_nf4_experts_continues_exactly(models, tmp_path):
 
 def qlora_cpu_run(model_dir, run, *, staged: bool) -> list[float]:
     """moekit's QLoRA flow with the CPU as the device: 3 steps, losses."""
-    import datasets
-
     from moekit.finetune.run import STAGED, factor_experts, load_staged
     from moekit.finetune.targets import quantization_skip_modules
     from moekit.train import trainer as T
-    from moekit.train.options import TrainingOptions
 
     bnb = bnb_or_skip()
     cfg = T.load_model_config(model_dir, "a MoE")
@@ -262,18 +269,11 @@ def qlora_cpu_run(model_dir, run, *, staged: bool) -> list[float]:
     model = load_staged(model_dir, load, device) if staged else T.load_model(model_dir, **load, device_map={"": "cpu"})
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert getattr(model, STAGED, None) == (device if staged else None)
-    options = TrainingOptions(max_length=48, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                              max_steps=3, learning_rate=1e-2, warmup_steps=0, lr_scheduler_type="constant",
-                              logging_steps=1, report_to=["none"], seed=0)
-    args = T.sft_config(options, run, prec=T.precision(options, adapters=True), progress=False, evaluate=False,
-                        router_aux_loss_coef=0.0)
-    data = datasets.Dataset.from_dict({"text": ["the cat sat on the red hat " * 3] * 12})
-    trainer = T.build_trainer(model, T.load_tokenizer(model_dir), data, None, args,
-                              peft_config=resolve_targets(cfg, ["attention", "experts"], "qlora").lora_config(4, 8, 0.0))
+    trainer = lora_trainer(model, model_dir, run, steps=3, examples=12)
     factor_experts(trainer.model, quantize=True, device=getattr(model, STAGED, None))
     assert all(isinstance(m.gate_up_proj, EL.Packed4bit) for m in experts_of(trainer.model))
     T.train(trainer)
-    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return losses_of(trainer)
 
 
 def test_qlora_flow_on_cpu_staged_and_direct_train_alike(models, tmp_path):

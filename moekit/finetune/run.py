@@ -76,7 +76,8 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> 
 
     prec = T.precision(config, adapters=config.method != "full", quantized=config.method == "qlora")
     run, checkpoint = T.prepare_run(out, config)
-    model = load_for_method(config, model_dir, model_config, prec, moe=moe)
+    total = T.parameter_count(model_config)  # the model as defined: 4-bit weights in memory count packed bytes
+    model = load_for_method(config, model_dir, model_config, prec, moe=moe, total_params=total)
     peft_config = None
     if config.method == "full":
         select_parameters(model, targets)
@@ -87,7 +88,6 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, callbacks=()) -> 
     trainer = T.build_trainer(model, tokenizer, train_ds, eval_ds, args, peft_config=peft_config, callbacks=callbacks)
     if config.method == "qlora" and moe:
         factor_experts(trainer.model, quantize=config.quantize_experts, device=getattr(model, STAGED, None))
-    total = T.parameter_count(model_config)  # the model as defined: 4-bit weights in memory count packed bytes
     trainable = log_trainable(trainer.model, targets, total)
     metrics = T.train(trainer, checkpoint)
     final = T.save_final(trainer, run)
@@ -130,12 +130,9 @@ def check_packed_experts_parallelism(config: FinetuneConfig) -> None:
                if os.environ.get(var, "").lower() in ("1", "true")]
     sharded += [name for name, key in (("FSDP", "fsdp"), ("DeepSpeed", "deepspeed")) if config.trainer_args.get(key)]
     if config.accelerate_config:
-        import yaml
+        from moekit.train.launch import distributed_type
 
-        from moekit.train.launch import accelerate_config_path
-
-        kind = (yaml.safe_load(accelerate_config_path(config.accelerate_config).read_text()) or {}).get("distributed_type")
-        sharded += {"FSDP": ["FSDP"], "DEEPSPEED": ["DeepSpeed"]}.get(kind, [])
+        sharded += {"FSDP": ["FSDP"], "DEEPSPEED": ["DeepSpeed"]}.get(distributed_type(config.accelerate_config), [])
     if sharded:
         raise ConfigError(f"qlora with experts packed to NF4 runs on one GPU or under DDP, not {sharded[0]} — use "
                           "--accelerate-config ddp, or --no-quantize-experts to keep the experts in bf16")
@@ -153,7 +150,7 @@ def load_data(config: FinetuneConfig, tokenizer):
     return fmt, shape(train_raw), (shape(eval_raw) if eval_raw is not None else None)
 
 
-def load_for_method(config: FinetuneConfig, model_dir: Path, model_config, prec, *, moe: bool):
+def load_for_method(config: FinetuneConfig, model_dir: Path, model_config, prec, *, moe: bool, total_params: int):
     quantization, staged = None, False
     if config.method == "qlora":
         quantization = T.bnb_4bit_config(quantization_skip_modules(model_config), compute_dtype=prec.dtype)
@@ -161,7 +158,7 @@ def load_for_method(config: FinetuneConfig, model_dir: Path, model_config, prec,
             sizes = expert_memory(model_config)
             staged = config.quantize_experts and not experts_fit_gpu(sizes.get("experts", 0))
             if staged:
-                check_staging_memory(T.parameter_count(model_config) * 2)
+                check_staging_memory(total_params * 2)
             experts = (f"the fused experts ({sizes.get('experts', 0) / 2**30:.2f} GiB in bf16) are loaded in bf16 and "
                        + ("then packed to NF4 by moekit (about a quarter of that)" if config.quantize_experts else
                           "stay bf16 (--no-quantize-experts)"))

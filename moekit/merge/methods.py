@@ -9,9 +9,12 @@ spec, like split strategies; LM-Cocktail's weights are computed elsewhere
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from moekit.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

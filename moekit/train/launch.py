@@ -32,6 +32,13 @@ def accelerate_config_path(name: str) -> Path:
                       "pick one of those names or pass the path of an `accelerate config` YAML")
 
 
+def distributed_type(name: str) -> str:
+    """The ``distributed_type`` of an accelerate config (shipped name or YAML path): DDP is ``MULTI_GPU``."""
+    import yaml
+
+    return (yaml.safe_load(accelerate_config_path(name).read_text()) or {}).get("distributed_type", "")
+
+
 def cpu_only() -> bool:
     """Training runs on the CPU: no CUDA, and no Apple GPU either — or several processes, which
     an Apple GPU cannot share (they then run DDP over gloo on the CPU)."""
@@ -70,10 +77,9 @@ def relaunch(config, section: str) -> int:
     from moekit.config import to_recipe
 
     import torch
-    import yaml
 
     path = accelerate_config_path(config.accelerate_config)
-    kind = (yaml.safe_load(path.read_text()) or {}).get("distributed_type", "")
+    kind = distributed_type(config.accelerate_config)
     if kind in GPU_ONLY and not torch.cuda.is_available():
         raise ConfigError(f"accelerate_config={config.accelerate_config!r} ({kind}) needs CUDA GPUs and none is "
                           "visible — use --accelerate-config ddp (runs over gloo on CPUs) or run on GPUs")
